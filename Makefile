@@ -1,0 +1,36 @@
+# The two commands README promises: `make demo` and `make test`. Both do all set-up themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-stamp
+export MAX_JOBS ?= 2
+
+.PHONY: test demo build bench cuda-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+# In-place build so the tests import the tree they sit in (no editable install to go stale).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest
+
+demo: build
+	$(PY) -m pymerge demo
+
+bench: build
+	$(PY) bench/merge_ops.py
+
+# Compiles every CUDA source with plain nvcc (they are torch-free), as CI does where nvcc exists.
+cuda-check:
+	bash tools/cuda_check.sh
+
+clean:
+	rm -rf build pymerge/*.so

@@ -1,0 +1,3 @@
+from pymerge.cli import main
+
+raise SystemExit(main())
