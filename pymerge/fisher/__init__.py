@@ -1,0 +1,2 @@
+"""Diagonal Fisher estimation (full and mask Fisher) and the Fisher file format."""
+from pymerge.fisher.store import Fisher, load, save, structure_fingerprint, weights_fingerprint  # noqa: F401
