@@ -264,7 +264,8 @@ def ties_merge_reference(pretrained, task_vectors, density, lam):
         mag = tf.abs().flatten()
         mag = torch.where(torch.isnan(mag), torch.full_like(mag, math.inf), mag)  # NaN counts as largest
         thr = torch.kthvalue(mag, n - k + 1).values  # k-th largest |τ|
-        trimmed.append(torch.where(tf.abs() >= thr, tf, torch.zeros_like(tf)))
+        keep = (tf.abs() >= thr) | torch.isnan(tf)
+        trimmed.append(torch.where(keep, tf, torch.zeros_like(tf)))
     total = torch.zeros_like(trimmed[0])
     for t in trimmed:
         total += t
