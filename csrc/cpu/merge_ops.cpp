@@ -14,6 +14,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "pymerge/merge_math.h"
 #include "pymerge/op_checks.h"
 
@@ -64,8 +68,18 @@ std::vector<const T*> data_ptrs(const std::vector<at::Tensor>& ts) {
   return out;
 }
 
+// The output is written once, in full, right away. For large outputs ask Linux for transparent huge pages
+// first: a fresh buffer's first-touch page faults otherwise cost more than the merge itself (4 KiB pages).
 at::Tensor new_output(const at::Tensor& like) {
-  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t end = begin + out.nbytes();
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
+  if (hi > lo && hi - lo >= 2 * kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint only
+#endif
+  return out;
 }
 
 // Runs body(begin, len) over [0, n) in blocks of at most kBlock elements, chunks of blocks in parallel.
