@@ -4,6 +4,10 @@
 // elements with fp32 accumulators on the stack: models in the outer loop, elements in the inner loop, so the
 // inner loops are plain streams that the compiler vectorises (#pragma omp simd), and the block stays in L1
 // while the M inputs stream past. at::parallel_for splits the tensor into large chunks of blocks.
+// No FP traps are ever enabled here; without this, GCC will not turn the fallback selects into vector blends.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,30 +18,53 @@
 #include <limits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "pymerge/merge_math.h"
 #include "pymerge/op_checks.h"
 
 namespace pymerge {
 namespace {
 
-constexpr int64_t kBlock = 1024;      // elements per block: 3 fp32 accumulators = 12 KiB, well inside L1
+constexpr int64_t kBlock = 4096;      // 16 KiB per fp32 stream per block: long runs for the prefetchers
 constexpr int64_t kGrain = 1 << 16;   // elements per parallel task
 
-// fp32 views of the storage types; bf16 -> fp32 is a shift, written out so the loops vectorise.
+// fp32 views of the storage types and back, written branch-free (selects only) so the block loops vectorise;
+// c10's own conversions branch on NaN / subnormals, which stops the vectoriser. Both round to nearest even.
+inline uint32_t f_bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+inline float bits_f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+
 inline float to_f(float x) { return x; }
-inline float to_f(c10::Half x) { return static_cast<float>(x); }
-inline float to_f(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+inline float to_f(c10::BFloat16 x) { return bits_f(static_cast<uint32_t>(x.x) << 16); }
+inline float to_f(c10::Half x) {
+  // After F. Giesen's half_to_float: rebias the exponent; Inf / NaN and subnormals are fixed up by selects.
+  const uint32_t h = x.x;
+  const uint32_t shifted = (h & 0x7fffu) << 13;
+  const uint32_t exp = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + 0x38000000u;                                        // (127 - 15) << 23
+  const uint32_t infnan = normal + 0x38000000u;                                         // exponent all ones
+  const uint32_t sub = f_bits(bits_f(normal + 0x00800000u) - bits_f(0x38800000u));     // renormalise
+  const uint32_t mag = exp == 0x0f800000u ? infnan : (exp == 0 ? sub : normal);
+  return bits_f(mag | ((h & 0x8000u) << 16));
 }
-template <typename T>
-inline T from_f(float x) { return static_cast<T>(x); }
+
+template <typename T> inline T from_f(float x);
+template <> inline float from_f<float>(float x) { return x; }
+template <> inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
+  const uint32_t u = f_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+template <> inline c10::Half from_f<c10::Half>(float x) {
+  // After F. Giesen's float_to_half_fast3_rtne, with its branches turned into selects.
+  const uint32_t u = f_bits(x);
+  const uint32_t sign = (u & 0x80000000u) >> 16;
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;                              // NaN / overflow -> Inf
+  const float denorm_magic = bits_f(((127 - 15) + (23 - 10) + 1) << 23);
+  const uint32_t sub = f_bits(bits_f(a) + denorm_magic) - f_bits(denorm_magic);         // subnormal or zero
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;                    // rebias + round
+  const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
+  return c10::Half(static_cast<uint16_t>(h | sign), c10::Half::from_bits());
+}
 
 // Calls f.template operator()<P, F>() for the params dtype P and the Fisher dtype F (P itself or float).
 template <typename Fn>
@@ -68,18 +95,8 @@ std::vector<const T*> data_ptrs(const std::vector<at::Tensor>& ts) {
   return out;
 }
 
-// The output is written once, in full, right away. For large outputs ask Linux for transparent huge pages
-// first: a fresh buffer's first-touch page faults otherwise cost more than the merge itself (4 KiB pages).
 at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + out.nbytes();
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
-  if (hi > lo && hi - lo >= 2 * kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint only
-#endif
-  return out;
+  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 // Runs body(begin, len) over [0, n) in blocks of at most kBlock elements, chunks of blocks in parallel.

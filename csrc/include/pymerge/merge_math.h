@@ -18,14 +18,19 @@ constexpr int kMaxModels = 16;
 // ---- fallback modes of fisher_merge ------------------------------------------------------------
 enum class Fallback : int { Target = 0, Average = 1 };
 
-// θ* = num / den where den = Σ λ_i F_i > eps, else the fallback value.
+// θ* = num / den where den = Σ λ_i F_i > eps, else the fallback value. Written as selects around a division
+// that cannot trap (den replaced by 1 where unused), so compilers vectorise it.
 PYMERGE_HD float fisher_finish(float num, float den, float eps, float fallback_value) {
-  return den > eps ? num / den : fallback_value;
+  const bool use = den > eps;
+  const float q = num / (use ? den : 1.f);
+  return use ? q : fallback_value;
 }
 
 // DF-Merge eq. 8 per element: θ_pre + M num / den where den = Σ F_i > eps, else θ_pre + Σ λ_i τ_i.
 PYMERGE_HD float dfmerge_finish(float pre, float num, float den, float plain, float m, float eps) {
-  return pre + (den > eps ? m * num / den : plain);
+  const bool use = den > eps;
+  const float q = m * num / (use ? den : 1.f);
+  return pre + (use ? q : plain);
 }
 
 // ---- TIES --------------------------------------------------------------------------------------
