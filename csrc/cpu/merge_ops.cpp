@@ -259,7 +259,7 @@ at::Tensor dfmerge_combine_cpu(const at::Tensor& pretrained, at::TensorList task
 
 // ---- ties_merge: trim (selection), elect sign, disjoint mean ---------------------------------------
 // The k-th largest |τ| of one tensor, by std::nth_element (O(n) selection, not a sort) over an fp32 copy of
-// the magnitudes (one n-float buffer, reused for every model). NaN magnitudes count as +inf.
+// the magnitudes. NaN magnitudes count as +inf.
 template <typename P>
 float kth_largest_magnitude(const P* t, int64_t n, int64_t k, std::vector<float>& buf) {
   buf.resize(n);
@@ -290,17 +290,39 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
   const float flam = static_cast<float>(lam);
   dispatch_p(pre.scalar_type(), op, [&]<typename P, typename>() {
     const auto tp = data_ptrs<P>(ts);
+    // Thresholds: models in parallel, one magnitude buffer per worker (each selection itself is serial).
     float thr[kMaxModels];
-    std::vector<float> buf;
-    for (int i = 0; i < m; ++i) thr[i] = kth_largest_magnitude(tp[i], n, k, buf);
+    at::parallel_for(0, m, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> buf;
+      for (int64_t i = lo; i < hi; ++i) thr[i] = kth_largest_magnitude(tp[i], n, k, buf);
+    });
     const P* prep = pre.data_ptr<P>();
     P* o = out.data_ptr<P>();
-    at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-      float trimmed[kMaxModels];
-      for (int64_t e = lo; e < hi; ++e) {
-        for (int i = 0; i < m; ++i) trimmed[i] = ties_trim(to_f(tp[i][e]), thr[i]);
-        o[e] = from_f<P>(to_f(prep[e]) + flam * ties_disjoint_mean(trimmed, m));
+    // Elect and disjoint-merge in blocks, model by model (vectorised), as ties_disjoint_mean does per element.
+    for_blocks(n, [&](int64_t b0, int64_t len) {
+      alignas(64) float total[kBlock], acc[kBlock], cnt[kBlock];
+      std::fill(total, total + len, 0.f);
+      for (int i = 0; i < m; ++i) {
+        const P* t = tp[i] + b0;
+        const float th = thr[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) total[e] += ties_trim(to_f(t[e]), th);
       }
+      std::fill(acc, acc + len, 0.f);
+      std::fill(cnt, cnt + len, 0.f);
+      for (int i = 0; i < m; ++i) {
+        const P* t = tp[i] + b0;
+        const float th = thr[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) {
+          const float v = ties_trim(to_f(t[e]), th);
+          const bool agree = ties_agrees(total[e], v);
+          acc[e] += agree ? v : 0.f;
+          cnt[e] += agree ? 1.f : 0.f;
+        }
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) o[b0 + e] = from_f<P>(to_f(prep[b0 + e]) + flam * ties_mean(acc[e], cnt[e]));
     });
   });
   return out;

@@ -40,19 +40,28 @@ PYMERGE_HD float ties_trim(float t, float threshold) {
   return (a >= threshold || a != a) ? t : 0.f;
 }
 
+// Whether a trimmed value t takes part in the disjoint mean: non-zero with the elected sign s = sign(total).
+PYMERGE_HD bool ties_agrees(float total, float t) { return (total > 0.f && t > 0.f) || (total < 0.f && t < 0.f); }
+
+// The disjoint mean from the sum and count of the agreeing values; 0 where none agrees (also where s = 0).
+PYMERGE_HD float ties_mean(float acc, float cnt) {
+  const bool any = cnt > 0.f;
+  const float q = acc / (any ? cnt : 1.f);
+  return any ? q : 0.f;
+}
+
 // Disjoint mean of the trimmed values over the models that agree with the elected sign s = sign(Σ trimmed).
-// trimmed[i] for i < m; returns 0 where no model agrees (also where s = 0).
+// trimmed[i] for i < m (the CPU kernel does the same in blocks, model by model).
 PYMERGE_HD float ties_disjoint_mean(const float* trimmed, int m) {
   float total = 0.f;
   for (int i = 0; i < m; ++i) total += trimmed[i];
   float acc = 0.f, cnt = 0.f;
   for (int i = 0; i < m; ++i) {
-    const float t = trimmed[i];
-    const bool agree = (total > 0.f && t > 0.f) || (total < 0.f && t < 0.f);
-    acc += agree ? t : 0.f;
+    const bool agree = ties_agrees(total, trimmed[i]);
+    acc += agree ? trimmed[i] : 0.f;
     cnt += agree ? 1.f : 0.f;
   }
-  return cnt > 0.f ? acc / cnt : 0.f;
+  return ties_mean(acc, cnt);
 }
 
 // ---- DARE: counter-based RNG -------------------------------------------------------------------
