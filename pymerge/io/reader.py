@@ -38,8 +38,12 @@ class TensorSource:
     def dtype(self, name: str) -> torch.dtype:
         raise NotImplementedError
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """The tensor (a fresh CPU tensor for files), or rows [start, stop) of its first dimension."""
         raise NotImplementedError
+
+    # Whether `read` returns a fresh tensor the caller may modify in place (files: yes; in-memory: no).
+    owned = True
 
     def __contains__(self, name: str) -> bool:
         return name in self._key_set()
@@ -87,8 +91,11 @@ class StateDictSource(TensorSource):
     def dtype(self, name):
         return self._tensors[name].dtype
 
-    def read(self, name):
-        return self._tensors[name].detach().to("cpu")
+    owned = False
+
+    def read(self, name, rows=None):
+        t = self._tensors[name].detach().to("cpu")
+        return t if rows is None else t[rows[0]:rows[1]]
 
 
 class CheckpointDir(TensorSource):
@@ -180,11 +187,12 @@ class CheckpointDir(TensorSource):
         h = self._where[name]
         return h.dtype(name) if isinstance(h, SafetensorsFile) else h[name].dtype
 
-    def read(self, name):
+    def read(self, name, rows=None):
         h = self._where[name]
         if isinstance(h, SafetensorsFile):
-            return h.read(name)
-        return h[name]
+            return h.read(name, rows)
+        t = h[name]  # a memory-mapped pickle tensor: copy so in-place use cannot reach the mapping
+        return (t if rows is None else t[rows[0]:rows[1]]).clone()
 
 
 def _read_config(path: Path) -> Optional[dict]:

@@ -82,8 +82,14 @@ class SafetensorsFile:
     def shape(self, name: str) -> Tuple[int, ...]:
         return self.entries[name][1]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """The tensor, or rows [start, stop) of its first dimension (a contiguous byte range on disk)."""
         dtype, shape, begin, end = self.entries[name]
+        if rows is not None:
+            start, stop = rows
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            shape = (stop - start,) + tuple(shape[1:])
+            begin, end = begin + start * row_bytes, begin + stop * row_bytes
         out = torch.empty(shape, dtype=dtype)
         if end > begin:
             buf = memoryview(out.view(-1).view(torch.uint8).numpy())
@@ -120,19 +126,29 @@ class SafetensorsStreamWriter:
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
         self._next = 0
+        self._written = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next declared tensor, whole or as consecutive row chunks (dim 0) in several calls."""
         if self._next >= len(self._order):
             raise RuntimeError(f"{self.path}: tensor {name!r} was not declared")
         want_name, want_dtype, want_shape = self._order[self._next]
-        if name != want_name or tensor.dtype != want_dtype or tuple(tensor.shape) != want_shape:
+        chunk_ok = (len(want_shape) >= 1 and tensor.dim() == len(want_shape)
+                    and tuple(tensor.shape[1:]) == want_shape[1:])
+        if name != want_name or tensor.dtype != want_dtype or not (tuple(tensor.shape) == want_shape or chunk_ok):
             raise RuntimeError(
                 f"{self.path}: expected tensor {want_name!r} {want_dtype} {want_shape} next, "
                 f"got {name!r} {tensor.dtype} {tuple(tensor.shape)}")
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
             self._file.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        self._next += 1
+        self._written += t.numel() * t.element_size()
+        want = nbytes(want_dtype, want_shape)
+        if self._written > want:
+            raise RuntimeError(f"{self.path}: more data than declared for tensor {name!r}")
+        if self._written == want:
+            self._next += 1
+            self._written = 0
 
     def close(self) -> None:
         if self._file.closed:

@@ -7,6 +7,7 @@ from pymerge.methods.registry import register
 @register
 class Average(MergeMethod):
     name = "average"
+    elementwise = True
     description = "weighted average of the models (isotropic merging)"
     params = (Param("weight", float, 1.0, scope="model", check=in_range(0.0), help="relative weight w_i"),)
 

@@ -148,11 +148,16 @@ class TensorInputs:
     model_params: List[Dict[str, Any]]               # per-model parameters resolved for this tensor
     aux: Dict[str, List[Optional[torch.Tensor]]] = field(default_factory=dict)  # file params, per model
     state: Dict[str, Any] = field(default_factory=dict)  # whatever `prepare` returned
+    owned: bool = False  # the engine read `models` fresh from disk: they may be reused in place
 
     def per_model(self, key: str) -> List[Any]:
         return [p[key] for p in self.model_params]
 
     def task_vectors(self) -> List[torch.Tensor]:
+        """τ_i = θ_i - θ_pre. When the engine owns the model tensors they become the task vectors in place
+        (saves one tensor per model); do not use `models` after calling this."""
+        if self.owned:
+            return [m.sub_(self.base) for m in self.models]
         return [m - self.base for m in self.models]
 
 
@@ -163,6 +168,7 @@ class MergeMethod:
     description: str = ""
     params: Tuple[Param, ...] = ()
     needs_base: bool = False
+    elementwise: bool = False  # output element j depends only on input elements j: the engine may chunk rows
     fisher_mode: Optional[str] = None  # required `mode` metadata of the file parameter `fisher`, if any
 
     def param(self, name: str) -> Param:

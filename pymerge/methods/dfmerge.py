@@ -13,6 +13,7 @@ from pymerge.methods.registry import register
 @register
 class DFMerge(MergeMethod):
     name = "dfmerge"
+    elementwise = True
     description = "DF-Merge: Fisher-weighted task vectors with per-model λ_i"
     needs_base = True
     params = (

@@ -15,6 +15,7 @@ from pymerge.methods.registry import register
 @register
 class FisherMerge(MergeMethod):
     name = "fisher"
+    elementwise = True
     description = "Fisher-weighted average of the models"
     params = (
         Param("weight", float, 1.0, scope="model", check=in_range(0.0), help="per-model coefficient λ_i"),

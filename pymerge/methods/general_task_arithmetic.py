@@ -7,6 +7,7 @@ from pymerge.methods.task_arithmetic import task_vector_sum
 @register
 class GeneralTaskArithmetic(MergeMethod):
     name = "general_task_arithmetic"
+    elementwise = True
     description = "pretrained + sum_i lambda_i * task vector i"
     needs_base = True
     params = (Param("lambda", float, scope="model", help="per-model coefficient λ_i (required)"),)

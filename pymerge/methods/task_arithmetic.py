@@ -15,6 +15,7 @@ def task_vector_sum(x, coeffs):
 @register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
+    elementwise = True
     description = "pretrained + lambda * sum of (weighted) task vectors"
     needs_base = True
     params = (
