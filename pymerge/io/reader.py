@@ -132,11 +132,9 @@ class CheckpointDir(TensorSource):
         self._where[name] = holder
 
     def _single_file(self, path: Path, allow_pickle: bool):
-        if path.suffix == ".safetensors":
-            return [SafetensorsFile(path)]
         if path.suffix in (".bin", ".pt", ".pth"):
             return [_load_pickle(path, allow_pickle)]
-        raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors, or .bin with allow_pickle)")
+        return [SafetensorsFile(path)]  # any other file must be safetensors (clear error if it is not)
 
     def _directory_files(self, path: Path, allow_pickle: bool):
         index = path / SAFETENSORS_INDEX
