@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from pymerge.config import MergeConfig, load_config
+from pymerge.io.chunks import row_chunks
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
 from pymerge.io.reader import TensorSource, open_fisher, open_source
 from pymerge.io.writer import COPIED_FILES, TOKENIZER_FILES, OutputDirectory, check_target, safe_task_name
@@ -265,18 +266,6 @@ def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEn
 # --------------------------------------------------------------------------------------------------
 # execution
 # --------------------------------------------------------------------------------------------------
-def _row_chunks(shape: Tuple[int, ...], chunk_bytes: Optional[int]):
-    if chunk_bytes is None or len(shape) == 0 or shape[0] <= 1:
-        return [None]
-    row = 4  # fp32 accumulation dominates the temporaries
-    for s in shape[1:]:
-        row *= s
-    rows = max(1, chunk_bytes // max(row, 1))
-    if rows >= shape[0]:
-        return [None]
-    return [(s, min(s + rows, shape[0])) for s in range(0, shape[0], rows)]
-
-
 def _check_values(t: torch.Tensor, label: str, name: str, fisher: bool = False) -> None:
     if not t.is_floating_point():
         return
@@ -315,7 +304,7 @@ def _run(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int]) -> N
             continue
         g = {k: resolve(v, e.name, k) for k, v in globals_raw.items()}
         mp = [{k: resolve(v, e.name, k) for k, v in m.items() if k not in plan.aux} for m in models_raw]
-        chunks = _row_chunks(e.shape, chunk_bytes) if getattr(method, "elementwise", False) else [None]
+        chunks = row_chunks(e.shape, chunk_bytes) if getattr(method, "elementwise", False) else [None]
         for rows in chunks:
             xs = []
             for m in plan.models:

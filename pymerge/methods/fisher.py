@@ -8,6 +8,7 @@ it is folded into the weights (λ_i / ||F_i||), so it costs one extra read of th
 import math
 
 from pymerge import ops
+from pymerge.io.chunks import row_chunks
 from pymerge.methods.base import ConfigError, MergeMethod, Param, in_range
 from pymerge.methods.registry import register
 
@@ -32,7 +33,8 @@ class FisherMerge(MergeMethod):
         for src in inputs.aux_sources["fisher"]:
             sq = 0.0
             for name in src.keys():
-                sq += float(src.read(name).double().square().sum())
+                for rows in row_chunks(src.shape(name), 2**26):  # bounded memory for huge tensors
+                    sq += float(src.read(name, rows).double().square().sum())
             norm = math.sqrt(sq)
             if norm == 0.0:
                 raise ConfigError(f"{src.label}: Fisher is zero everywhere, cannot normalize it")
