@@ -106,10 +106,12 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def _check_finite(name: str, tensors: Sequence[torch.Tensor]) -> None:
-    for i, t in enumerate(tensors):
+def _check_finite(name: str, tensors) -> None:
+    """NaN / Inf check of one tensor (named name) or a list (named name[i])."""
+    named = [(name, tensors)] if isinstance(tensors, torch.Tensor) else [(f"{name}[{i}]", t) for i, t in enumerate(tensors)]
+    for label, t in named:
         if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}[{i}]: contains NaN or Inf (check_finite=True)")
+            raise ValueError(f"{label}: contains NaN or Inf (check_finite=True)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,7 +239,7 @@ def dfmerge_combine(pretrained: torch.Tensor, task_vectors: Sequence[torch.Tenso
     lambdas = _check_numbers("lambdas", lambdas, len(task_vectors), "task vector")
     eps = _check_eps(eps)
     if check_finite:
-        _check_finite("pretrained", [pretrained])
+        _check_finite("pretrained", pretrained)
         _check_finite("task_vectors", task_vectors)
         _check_finite("fishers", fishers)
     if _use_kernel("dfmerge_combine", pretrained):
@@ -264,7 +266,8 @@ def ties_merge_reference(pretrained, task_vectors, density, lam):
         mag = tf.abs().flatten()
         mag = torch.where(torch.isnan(mag), torch.full_like(mag, math.inf), mag)  # NaN counts as largest
         thr = torch.kthvalue(mag, n - k + 1).values  # k-th largest |τ|
-        trimmed.append(torch.where(tf.abs() >= thr, tf, torch.zeros_like(tf)))
+        keep = (tf.abs() >= thr) | torch.isnan(tf)
+        trimmed.append(torch.where(keep, tf, torch.zeros_like(tf)))
     total = torch.zeros_like(trimmed[0])
     for t in trimmed:
         total += t
