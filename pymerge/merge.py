@@ -267,72 +267,104 @@ def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEn
 # execution
 # --------------------------------------------------------------------------------------------------
 def _check_values(t: torch.Tensor, label: str, name: str, fisher: bool = False) -> None:
-    if not t.is_floating_point():
+    """NaN / Inf (and, for a Fisher, negative values) with one reduction pass and no temporary tensor."""
+    if not t.is_floating_point() or t.numel() == 0:
         return
-    if not bool(torch.isfinite(t).all()):
+    lo, hi = torch.aminmax(t)
+    lo, hi = float(lo), float(hi)
+    finite = lo > float("-inf") and hi < float("inf")  # NaN fails both comparisons
+    if not finite:
         what = "Fisher" if fisher else "weights"
         raise CheckpointError(f"{label}: {what} tensor {name!r} contains NaN or Inf")
-    if fisher and bool((t < 0).any()):
+    if fisher and lo < 0:
         raise CheckpointError(f"{label}: Fisher tensor {name!r} has negative values (a Fisher is >= 0)")
 
 
-def _run(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int]) -> None:
+def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[torch.Tensor], dict]:
+    """Read (and check) every input of one tensor or row chunk; runs on the prefetch thread."""
+    method, check = plan.config.method, plan.config.check_finite
+    xs = []
+    for m in plan.models:
+        t = m.read(e.name, rows)
+        if check:
+            _check_values(t, m.label, e.name)
+        xs.append(t.to(e.dtype) if t.dtype != e.dtype else t)
+    base = None
+    if method.needs_base:
+        base = plan.base.read(e.base_name, rows)
+        if check:
+            _check_values(base, plan.base.label, e.base_name)
+        if base.dtype != e.dtype:
+            base = base.to(e.dtype)
+    aux = {}
+    for p, sources in plan.aux.items():
+        key = method.aux_key(p, e.name)
+        ts = [s.read(key, rows) for s in sources]
+        if check:
+            for s, t in zip(sources, ts):
+                _check_values(t, s.label, key, fisher=True)
+        aux[p] = ts
+    return xs, base, aux
+
+
+def _run(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], prefetch: bool = True) -> None:
+    """Merge every plan entry into `sink`. The inputs of the next tensor (chunk) are read on a background
+    thread while the current one is merged (file reads and torch kernels release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
     cfg, method = plan.config, plan.config.method
     globals_raw = cfg.global_values()
     models_raw = [cfg.model_values(i) for i in range(len(plan.models))]
     state = method.prepare(PrepareInputs(
-        params={k: v for k, v in globals_raw.items()}, model_params=models_raw, aux_sources=plan.aux,
+        params=dict(globals_raw), model_params=models_raw, aux_sources=plan.aux,
         merged_names=[e.name for e in plan.entries if e.kind == "merge"]))
-    check = cfg.check_finite
-    from tqdm.auto import tqdm
+    owned = all(m.owned for m in plan.models)
+    tasks = []  # (entry, rows, last chunk of the entry?)
+    for e in plan.entries:
+        chunks = row_chunks(e.shape, chunk_bytes) if e.kind == "merge" and method.elementwise else [None]
+        tasks += [(e, rows, j == len(chunks) - 1) for j, rows in enumerate(chunks)]
+    merge_ids = [j for j, (e, _, _) in enumerate(tasks) if e.kind == "merge"]
+    next_merge = {a: b for a, b in zip(merge_ids, merge_ids[1:])}
 
-    bar = tqdm(plan.entries, desc=f"pymerge {method.name}", unit="tensor", disable=not progress)
-    for e in bar:
-        if e.kind == "head":
-            if cfg.heads != "keep":
-                continue
-            for i in e.models:
-                t = plan.models[i].read(e.name)
-                if check:
-                    _check_values(t, plan.models[i].label, e.name)
-                if cfg.dtype is not None and t.is_floating_point():
-                    t = t.to(cfg.dtype)
-                sink.head(i, e.name, t)
-            continue
-        if e.kind == "copy":
-            sink.main(e.name, plan.models[plan.config_index or 0].read(e.name))
-            continue
-        g = {k: resolve(v, e.name, k) for k, v in globals_raw.items()}
-        mp = [{k: resolve(v, e.name, k) for k, v in m.items() if k not in plan.aux} for m in models_raw]
-        chunks = row_chunks(e.shape, chunk_bytes) if getattr(method, "elementwise", False) else [None]
-        for rows in chunks:
-            xs = []
-            for m in plan.models:
-                t = m.read(e.name, rows)
-                if check:
-                    _check_values(t, m.label, e.name)
-                xs.append(t.to(e.dtype) if t.dtype != e.dtype else t)
-            base = None
-            if method.needs_base:
-                base = plan.base.read(e.base_name, rows)
-                if check:
-                    _check_values(base, plan.base.label, e.base_name)
-                if base.dtype != e.dtype:
-                    base = base.to(e.dtype)
-            aux = {}
-            for p, sources in plan.aux.items():
-                key = method.aux_key(p, e.name)
-                ts = [s.read(key, rows) for s in sources]
-                if check:
-                    for s, t in zip(sources, ts):
-                        _check_values(t, s.label, key, fisher=True)
-                aux[p] = ts
-            owned = all(m.owned for m in plan.models)
-            out = method.merge_tensor(TensorInputs(e.name, xs, base, g, mp, aux, state, owned=owned))
-            if out.dtype != e.dtype:
-                out = out.to(e.dtype)
-            sink.main(e.name, out)
-            del xs, base, aux, out
+    bar = tqdm(total=len(plan.entries), desc=f"pymerge {method.name}", unit="tensor", disable=not progress)
+    pending: Dict[int, Any] = {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        def fetch(j):
+            if j not in pending:
+                e, rows, _ = tasks[j]
+                pending[j] = pool.submit(_load_inputs, plan, e, rows)
+
+        try:
+            for j, (e, rows, last) in enumerate(tasks):
+                if e.kind == "head":
+                    if cfg.heads == "keep":
+                        for i in e.models:
+                            t = plan.models[i].read(e.name)
+                            if cfg.check_finite:
+                                _check_values(t, plan.models[i].label, e.name)
+                            if cfg.dtype is not None and t.is_floating_point():
+                                t = t.to(cfg.dtype)
+                            sink.head(i, e.name, t)
+                elif e.kind == "copy":
+                    sink.main(e.name, plan.models[plan.config_index or 0].read(e.name))
+                else:
+                    fetch(j)
+                    if prefetch and j in next_merge:
+                        fetch(next_merge[j])
+                    xs, base, aux = pending.pop(j).result()
+                    g = {k: resolve(v, e.name, k) for k, v in globals_raw.items()}
+                    mp = [{k: resolve(v, e.name, k) for k, v in m.items() if k not in plan.aux} for m in models_raw]
+                    out = method.merge_tensor(TensorInputs(e.name, xs, base, g, mp, aux, state, owned=owned))
+                    del xs, base, aux
+                    sink.main(e.name, out if out.dtype == e.dtype else out.to(e.dtype))
+                    del out
+                if last:
+                    bar.update(1)
+        finally:
+            for f in pending.values():
+                f.cancel()
     bar.close()
 
 
