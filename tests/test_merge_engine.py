@@ -121,6 +121,9 @@ def test_head_policies(zoo, tmp_path):
     pymerge.merge(bert_cfg(zoo, "average", config_from="topic"), tmp_path / "cf", progress=False)
     assert json.loads((tmp_path / "cf" / "config.json").read_text())["id2label"].keys() == {"0", "1", "2"}
     assert em.load_dir(tmp_path / "cf")["classifier.weight"].shape == (3, 8)
+    # config_from the base: base config, no head in the main checkpoint, every head under heads/
+    r = merge_state_dicts(bert_cfg(zoo, "task_arithmetic", config_from="base"))
+    assert "classifier.weight" not in r.state_dict and set(r.heads) == set(TASKS)
     # no head patterns: same-shaped classifiers are merged like any tensor ...
     r = merge_state_dicts(bert_cfg(zoo, "average", tasks=("sst", "rte"), head_patterns=[]))
     a, b = em.load_dir(zoo["sst"]), em.load_dir(zoo["rte"])
