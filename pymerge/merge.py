@@ -35,7 +35,8 @@ from pymerge.methods.base import PrepareInputs, TensorInputs, pattern_matches, r
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "n_embd", "n_layer", "n_head", "d_model", "num_layers", "num_heads", "d_ff")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+PREFETCH_BYTES = 512 * 2**20  # read the next tensor ahead only while both fit in this much memory
 MAX_LISTED = 8
 
 
@@ -326,7 +327,19 @@ def _run(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], pref
         chunks = row_chunks(e.shape, chunk_bytes) if e.kind == "merge" and method.elementwise else [None]
         tasks += [(e, rows, j == len(chunks) - 1) for j, rows in enumerate(chunks)]
     merge_ids = [j for j, (e, _, _) in enumerate(tasks) if e.kind == "merge"]
-    next_merge = {a: b for a, b in zip(merge_ids, merge_ids[1:])}
+    per_elem = [len(plan.models) * torch.empty((), dtype=e.dtype).element_size()
+                + (torch.empty((), dtype=e.dtype).element_size() if method.needs_base else 0)
+                + 4 * sum(len(v) for v in plan.aux.values()) for e, _, _ in tasks]
+
+    def task_bytes(j):
+        e, rows, _ = tasks[j]
+        n = 1
+        for s in e.shape[1:]:
+            n *= s
+        return per_elem[j] * n * ((rows[1] - rows[0]) if rows else (e.shape[0] if e.shape else 1))
+
+    # prefetch the next merge task only when it and the current one fit the budget together
+    next_merge = {a: b for a, b in zip(merge_ids, merge_ids[1:]) if task_bytes(a) + task_bytes(b) <= PREFETCH_BYTES}
 
     bar = tqdm(total=len(plan.entries), desc=f"pymerge {method.name}", unit="tensor", disable=not progress)
     pending: Dict[int, Any] = {}
