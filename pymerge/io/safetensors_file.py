@@ -142,11 +142,12 @@ class SafetensorsStreamWriter:
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
             self._file.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        self._written += t.numel() * t.element_size()
-        want = nbytes(want_dtype, want_shape)
-        if self._written > want:
-            raise RuntimeError(f"{self.path}: more data than declared for tensor {name!r}")
-        if self._written == want:
+        # progress is counted in rows, so zero-size tensors written in chunks end where they should
+        self._written += t.shape[0] if want_shape else 1
+        total = want_shape[0] if want_shape else 1
+        if self._written > total:
+            raise RuntimeError(f"{self.path}: more rows than declared for tensor {name!r}")
+        if self._written == total:
             self._next += 1
             self._written = 0
 
