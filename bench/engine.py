@@ -145,7 +145,7 @@ def main():
     n_real = sum(torch.Size(s).numel() for s in shapes.values())
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="pymerge-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    need = n_real * (2 * (args.models + 1) + 4 * args.models + 2 * 2)
+    need = n_real * (2 * (args.models + 1) + 4 * args.models + 2)
     free = shutil.disk_usage(root).free
     print(f"models: {args.models} x {n_real / 1e6:.0f}M parameters (d={d}, {layers} layers), bf16, "
           f"needs ~{need / 1e9:.1f} GB in {root} ({free / 1e9:.0f} GB free)")
@@ -154,7 +154,8 @@ def main():
     shard = 500 * 10**6
     try:
         t0 = time.perf_counter()
-        write_sharded(root / "base", shapes, torch.bfloat16, 7, shard, "base")
+        if any(m != "fisher" for m in args.methods.split(",")):  # task-vector methods need the base
+            write_sharded(root / "base", shapes, torch.bfloat16, 7, shard, "base")
         for i in range(args.models):
             write_sharded(root / f"ft{i}", shapes, torch.bfloat16, 11 + i, shard, "finetune", base=True)
             write_fisher(root / f"ft{i}.fisher.safetensors", shapes, 101 + i)
