@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pymerge.io.safetensors_file import SafetensorsStreamWriter, nbytes  # noqa: E402
+from pymerge.io.safetensors_file import SafetensorsStreamWriter  # noqa: E402
 from pymerge.io.writer import plan_shards  # noqa: E402
 
 
@@ -154,10 +153,11 @@ def main():
     shard = 500 * 10**6
     try:
         t0 = time.perf_counter()
-        if any(m != "fisher" for m in args.methods.split(",")):  # task-vector methods need the base
+        need_base = any(m != "fisher" for m in args.methods.split(","))  # task-vector methods need the base
+        if need_base:
             write_sharded(root / "base", shapes, torch.bfloat16, 7, shard, "base")
         for i in range(args.models):
-            write_sharded(root / f"ft{i}", shapes, torch.bfloat16, 11 + i, shard, "finetune", base=True)
+            write_sharded(root / f"ft{i}", shapes, torch.bfloat16, 11 + i, shard, "finetune", base=need_base or None)
             write_fisher(root / f"ft{i}.fisher.safetensors", shapes, 101 + i)
         print(f"generated inputs in {time.perf_counter() - t0:.0f} s")
         results = {}

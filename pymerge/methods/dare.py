@@ -9,7 +9,6 @@ import zlib
 from pymerge import ops
 from pymerge.methods.base import MergeMethod, Param, in_range
 from pymerge.methods.registry import register
-from pymerge.methods.task_arithmetic import task_vector_sum
 
 
 def tensor_seed(seed: int, model_index: int, name: str) -> int:
