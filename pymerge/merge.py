@@ -29,7 +29,7 @@ from pymerge.io.chunks import row_chunks
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
 from pymerge.io.reader import TensorSource, open_fisher, open_source
 from pymerge.io.writer import COPIED_FILES, TOKENIZER_FILES, OutputDirectory, check_target, safe_task_name
-from pymerge.methods.base import PrepareInputs, TensorInputs, pattern_matches, resolve
+from pymerge.methods.base import MergeMethod, PrepareInputs, TensorInputs, pattern_matches, resolve
 
 # Config fields that must agree for two checkpoints to be one architecture.
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -238,7 +238,13 @@ def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEn
         sources = []
         for i, spec in enumerate(cfg.models):
             value = cfg.model_values(i)[p.name]
-            src = open_fisher(value, label=f"{p.name} of {spec.name}")
+            label = f"{p.name} of {spec.name}"
+            if p.file_format == "fisher":
+                src = open_fisher(value, label=label)
+            else:
+                src = open_source(value, label=label)
+                if isinstance(value, (str, Path)):
+                    src.label = f"{label} ({value})"
             if method.fisher_mode is not None and src.metadata.get("mode") != method.fisher_mode:
                 raise CheckpointError(
                     f"{src.label}: method {method.name!r} needs a Fisher of mode {method.fisher_mode!r}, "
@@ -249,12 +255,16 @@ def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEn
                 if e.kind != "merge":
                     continue
                 key = method.aux_key(p.name, e.name)
+                if key is None:
+                    continue
                 if key not in src:
                     problems.append(f"no entry for {key!r}")
-                elif tuple(src.shape(key)) != e.shape:
-                    problems.append(f"{key!r} has shape {tuple(src.shape(key))}, the model {e.shape}")
+                    continue
+                err = method.aux_shape_error(p.name, e.name, e.shape, src.shape(key))
+                if err:
+                    problems.append(f"{key!r} {err}")
             foreign = [k for k in src.keys() if k not in model_keys]
-            if foreign and method.aux_key(p.name, "x") == "x":
+            if foreign and type(method).aux_key is MergeMethod.aux_key:  # same-name side inputs only
                 problems.append(f"names the model does not have: {_first(foreign, 3)}")
             if problems:
                 raise IncompatibleModelsError(
@@ -300,10 +310,14 @@ def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[to
     aux = {}
     for p, sources in plan.aux.items():
         key = method.aux_key(p, e.name)
+        if key is None:  # no side input for this tensor
+            aux[p] = [None] * len(sources)
+            continue
         ts = [s.read(key, rows) for s in sources]
         if check:
+            is_fisher = method.param(p).file_format == "fisher"
             for s, t in zip(sources, ts):
-                _check_values(t, s.label, key, fisher=True)
+                _check_values(t, s.label, key, fisher=is_fisher)
         aux[p] = ts
     return xs, base, aux
 

@@ -201,21 +201,38 @@ def test_bad_top_level_keys_suggest():
 
 
 def test_custom_method_can_register_with_side_inputs():
-    """The extension point regmean / mats use: a new method with a per-model file input."""
+    """The extension point regmean / mats use: a new method with per-model side files whose entries are named
+    and shaped differently from the tensors (a Gram matrix per 2-D weight, nothing for the others)."""
 
     @register
-    class ScaledFirst(MergeMethod):
-        name = "test_scaled_first"
-        params = (Param("scale", float, 2.0), Param("fisher", "file", scope="model"))
+    class GramMix(MergeMethod):
+        name = "test_gram_mix"
+        params = (Param("scale", float, 2.0), Param("gram", "file", scope="model", file_format="tensors"))
+
+        def aux_key(self, param, tensor_name):
+            return tensor_name[:-2] + ".gram" if tensor_name.endswith(".w") else None
+
+        def aux_shape_error(self, param, tensor_name, tensor_shape, aux_shape):
+            d = tensor_shape[-1]
+            return None if tuple(aux_shape) == (d, d) else f"should be ({d}, {d})"
 
         def merge_tensor(self, x):
-            return x.models[0] * x.params["scale"] + 0 * x.aux["fisher"][0]
+            grams = x.aux["gram"]
+            if grams[0] is None:
+                return x.params["scale"] * sum(x.models) / len(x.models)
+            return sum(m @ g for m, g in zip(x.models, grams)) / len(x.models)
 
+    grams = [{k[:-2] + ".gram": torch.randn(s[1], s[1]) for k, s in SHAPES.items() if k.endswith(".w")}
+             for _ in range(M)]
     try:
-        out = _merged(_cfg("test_scaled_first", per_model={"fisher": FISHERS}, base=False))
-        _close(out["enc.0.w"], 2 * MODELS[0]["enc.0.w"])
-        assert get_method("test_scaled_first").name == "test_scaled_first"
+        out = _merged(_cfg("test_gram_mix", per_model={"gram": grams}, base=False))
+        _close(out["enc.0.w"], sum(MODELS[i]["enc.0.w"] @ grams[i]["enc.0.gram"] for i in range(M)) / M)
+        _close(out["ln.weight"], 2.0 * sum(MODELS[i]["ln.weight"] for i in range(M)) / M)
+        bad = [dict(g, **{"enc.1.gram": torch.ones(2, 2)}) for g in grams]
+        with pytest.raises(ValueError, match="'enc.1.gram' should be \\(6, 6\\)"):
+            _merged(_cfg("test_gram_mix", per_model={"gram": bad}, base=False))
+        assert get_method("test_gram_mix").name == "test_gram_mix"
     finally:
         from pymerge.methods import registry
 
-        registry._METHODS.pop("test_scaled_first", None)
+        registry._METHODS.pop("test_gram_mix", None)

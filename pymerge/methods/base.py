@@ -46,6 +46,7 @@ class Param:
     choices: Tuple[Any, ...] = ()
     check: Optional[Callable[[Any], Optional[str]]] = None  # returns an error message or None
     help: str = ""
+    file_format: str = "fisher"  # file params: "fisher" (pymerge Fisher file, checked) or "tensors" (any)
 
     @property
     def is_file(self) -> bool:
@@ -184,9 +185,16 @@ class MergeMethod:
         """Optional whole-model pass before merging (e.g. Fisher norms); returns `TensorInputs.state`."""
         return {}
 
-    def aux_key(self, param: str, tensor_name: str) -> str:
-        """Name of the entry of file parameter `param` that goes with `tensor_name` (default: the same)."""
+    def aux_key(self, param: str, tensor_name: str) -> Optional[str]:
+        """Name of the entry of file parameter `param` that goes with `tensor_name` (default: the same name).
+        None: this tensor has no side input (the method then gets None in `inputs.aux[param]`)."""
         return tensor_name
+
+    def aux_shape_error(self, param: str, tensor_name: str, tensor_shape, aux_shape) -> Optional[str]:
+        """Why a side input's shape does not fit the tensor (default: it must be the tensor's shape)."""
+        if tuple(aux_shape) != tuple(tensor_shape):
+            return f"has shape {tuple(aux_shape)}, the model {tuple(tensor_shape)}"
+        return None
 
     def merge_tensor(self, inputs: TensorInputs) -> torch.Tensor:
         raise NotImplementedError
