@@ -12,6 +12,7 @@ then the tensors' bytes in that order, so a shard never has to be assembled in m
 from __future__ import annotations
 
 import json
+import os
 import math
 import struct
 from pathlib import Path
@@ -51,6 +52,8 @@ class SafetensorsFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: file not found")
+        if not os.access(self.path, os.R_OK):
+            raise PermissionError(f"{self.path}: file is not readable (permission denied)")
         # Let the library validate the header (JSON, dtypes, offsets contiguous and covering the whole file,
         # so a truncated or padded file is caught here, before any tensor is used).
         from safetensors import safe_open
