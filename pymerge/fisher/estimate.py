@@ -126,8 +126,10 @@ class _Estimator:
 
     def batch(self, capture: LayerCapture, objective, batch, index: int) -> None:
         capture.clear()
+        capture.enabled = True
         with torch.enable_grad():
             out = objective(self.model, batch, self._set_rows(capture), self.length_normalize)
+        capture.enabled = False  # rules may call modules again (generic VJP): not a capture
         n = out.log_probs.shape[0]
         gen = torch.Generator(device=out.log_probs.device).manual_seed(self.seed * 1_000_003 + index)
         cot = _cotangents(out, self.mode, self.num_samples, gen, index)
@@ -202,7 +204,6 @@ class _Estimator:
     def _generic(self, capture, objective, batch, cot, n, names: List[str]) -> None:
         """Parameters without a per-layer rule: one example at a time with autograd (slow, always correct)."""
         params = [self.trainable[k] for k in names]
-        capture.enabled = False
         try:
             for p in params:
                 p.requires_grad_(True)
@@ -219,7 +220,6 @@ class _Estimator:
         finally:
             for p in params:
                 p.requires_grad_(False)
-            capture.enabled = True
 
 
 def _distributed():
