@@ -1,10 +1,11 @@
 // sq_grad_accumulate: fisher [d,k] += sum_n w_n (Z_n^T G_n)^2 without materialising all N per-example
 // gradients. T = 1 is one GEMM, (Z∘Z)^T diag(w) (G∘G); T > 1 runs bmm over chunks of examples into one
-// reused fp32 buffer (bounded by PYMERGE_SQ_GRAD_BUDGET_MB, default 64) and squares it in a fused loop.
+// reused fp32 buffer (bounded by PYMERGE_SQ_GRAD_BUDGET_MB, default 32) and squares it in a fused loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "pymerge/sq_grad.h"
@@ -17,8 +18,8 @@ namespace {
 // Read per call (getenv is cheap next to a bmm) so tests and benchmarks can change it.
 int64_t budget_bytes() {
   const char* env = std::getenv("PYMERGE_SQ_GRAD_BUDGET_MB");
-  const int64_t mb = env ? std::atoll(env) : 64;
-  return (mb > 0 ? mb : 64) << 20;
+  const int64_t mb = env ? std::atoll(env) : 32;
+  return (mb > 0 ? mb : 32) << 20;
 }
 
 void check_args(const at::Tensor& fisher, const at::Tensor& z, const at::Tensor& g,
@@ -39,21 +40,35 @@ void check_args(const at::Tensor& fisher, const at::Tensor& z, const at::Tensor&
   }
 }
 
-// CPU square-weight-accumulate: each thread owns a slice of fisher and streams the chunk through it,
-// so the inner loop is contiguous and vectorises.
+// CPU square-weight-accumulate: each thread owns a slice of fisher and walks it in tiles small enough to stay
+// in L1 while every example's gradient streams through them, so the inner loop is contiguous and vectorises.
 void accumulate_cpu(at::Tensor& fisher, const at::Tensor& grads, const at::Tensor& weights, int64_t count) {
+  constexpr int64_t kTile = 2048;
   const int64_t dk = fisher.numel();
   float* f = fisher.data_ptr<float>();
   const float* gp = grads.data_ptr<float>();
   const float* wp = weights.defined() ? weights.data_ptr<float>() : nullptr;
-  at::parallel_for(0, dk, 1 << 12, [&](int64_t lo, int64_t hi) {
-    for (int64_t n = 0; n < count; ++n) {
-      const float w = wp ? wp[n] : 1.f;
-      const float* row = gp + n * dk;
+  at::parallel_for(0, dk, 4 * kTile, [&](int64_t lo, int64_t hi) {
+    for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+      const int64_t t1 = std::min(hi, t0 + kTile);
+      for (int64_t n = 0; n < count; ++n) {
+        const float w = wp ? wp[n] : 1.f;
+        const float* row = gp + n * dk;
 #pragma omp simd
-      for (int64_t e = lo; e < hi; ++e) f[e] += sq_grad_term(w, row[e]);
+        for (int64_t e = t0; e < t1; ++e) f[e] += sq_grad_term(w, row[e]);
+      }
     }
   });
+}
+
+// The per-example gradient buffer, kept between calls on CPU: a fresh multi-MB allocation per layer costs
+// page faults comparable to the bmm itself. (CUDA's caching allocator already reuses memory.)
+at::Tensor chunk_buffer(const at::Tensor& fisher, int64_t chunk) {
+  const int64_t need = chunk * fisher.numel();
+  if (!fisher.is_cpu()) return at::empty({need}, fisher.options());
+  thread_local at::Tensor cached;
+  if (!cached.defined() || cached.numel() < need) cached = at::empty({need}, fisher.options());
+  return cached;
 }
 
 }  // namespace
@@ -76,7 +91,7 @@ void sq_grad_accumulate_driver(at::Tensor& fisher, const at::Tensor& inputs, con
   }
   const int64_t dk = fisher.numel();
   const int64_t chunk = sq_grad_chunk(n, dk, budget_bytes());
-  at::Tensor buffer = at::empty({chunk, fisher.size(0), fisher.size(1)}, fisher.options());
+  at::Tensor buffer = chunk_buffer(fisher, chunk).narrow(0, 0, chunk * dk).view({chunk, fisher.size(0), fisher.size(1)});
   for (int64_t lo = 0; lo < n; lo += chunk) {
     const int64_t c = std::min(chunk, n - lo);
     at::Tensor zc = z.narrow(0, lo, c).to(at::kFloat);
