@@ -138,7 +138,9 @@ class _Estimator:
         for c in capture.calls:
             if c.output is None:  # could not capture this call: its parameters take the generic path
                 generic.update(p for p, owners in self.plan.owners.items() if any(m == c.name for m, _ in owners))
-        for lo in range(0, cot.shape[0], self.max_rounds):
+        if cot.shape[0] == 1 and calls:
+            self._streamed_round(out.log_probs, calls, cot[0], n, generic)
+        for lo in range(0, cot.shape[0] if cot.shape[0] > 1 else 0, self.max_rounds):
             grads = output_gradients(out.log_probs, calls, cot[lo:lo + self.max_rounds],
                                      retain_graph=lo + self.max_rounds < cot.shape[0])
             for r in range(grads[0].shape[0] if grads else 0):
@@ -156,21 +158,43 @@ class _Estimator:
 
         return set_rows
 
-    def _accumulate_round(self, calls, grads, n, generic: set) -> None:
+    def _streamed_round(self, scores, calls, cotangent, n, generic: set) -> None:
+        """One round, consumed during the backward: each single-call layer's G is turned into squared
+        per-example gradients by a tensor hook as soon as autograd produces it, then freed, so activation
+        gradients are never all alive at once. Layers called several times or sharing a parameter wait for
+        the end of the backward (their contributions must add up before squaring)."""
+        counts = defaultdict(int)
+        for c in calls:
+            counts[c.name] += 1
+        shared = {m for owners in self.plan.owners.values() if len(owners) > 1 for m, _ in owners}
+        streamed = [c for c in calls if counts[c.name] == 1 and c.name not in shared]
+        later = [c for c in calls if counts[c.name] > 1 or c.name in shared]
+
+        def hook_for(call):
+            def hook(g):
+                self._accumulate_round([call], [g], n, generic, dense=False)
+            return hook
+
+        handles = [c.output.register_hook(hook_for(c)) for c in streamed]
+        try:
+            roots = [c.root for c in calls if c.root is not None]
+            grads = torch.autograd.grad(scores, roots + [c.output for c in later], cotangent, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        if later:
+            self._accumulate_round(later, list(grads[len(roots):]), n, generic)
+
+    def _accumulate_round(self, calls, grads, n, generic: set, dense: bool = True) -> None:
         pairs = defaultdict(list)
         for call, g in zip(calls, grads):
             if g is not None:
                 pairs[call.name].append((call.inputs, g))
-        dense = defaultdict(list)
-        for pname, owners in self.plan.owners.items():
-            if pname in generic:
-                continue
-            if len(owners) > 1:
-                dense[pname] = owners
-        done = set()
+        shared = {pname: owners for pname, owners in self.plan.owners.items()
+                  if len(owners) > 1 and pname not in generic}
         for mname, module_pairs in pairs.items():
             module, rule = self.plan.modules[mname], self.plan.rules[mname]
-            locals_ = {local: pname for pname, owners in self.plan.owners.items() if pname not in dense
+            locals_ = {local: pname for pname, owners in self.plan.owners.items() if pname not in shared
                        and pname not in generic for m, local in owners if m == mname}
             if not locals_:
                 continue
@@ -179,7 +203,7 @@ class _Estimator:
                 rule.accumulate(module, module_pairs, n, acc)
             except NotPerExample:
                 generic.update(locals_.values())
-        for pname, owners in dense.items():
+        for pname, owners in shared.items() if dense else ():
             self._dense(pname, owners, pairs, n, generic)
 
     def _dense(self, pname, owners, pairs, n, generic) -> None:

@@ -23,6 +23,7 @@ class LayerCall:
     module: nn.Module
     inputs: Tuple[torch.Tensor, ...]
     output: Optional[torch.Tensor]  # None: the call could not be captured (keyword inputs, non-tensor output)
+    root: Optional[torch.Tensor] = None  # set where the hook made the output a graph leaf (first layers)
 
 
 @dataclass
@@ -67,14 +68,15 @@ class LayerCapture:
             expand = (self.batch_size is not None and self.batch_size > 1 and output.dim() > 0
                       and output.shape[0] == 1 and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0
                       and inputs[0].shape[0] == 1)
+            root = None
             if not output.requires_grad:  # first layers (embeddings): make them a leaf of the graph
-                output = output.detach().requires_grad_()
+                output = root = output.detach().requires_grad_()
             returned = output
             if expand:  # broadcast over the batch later: expand here so each example gets its own gradient
                 output = output.expand(self.batch_size, *output.shape[1:])
                 inputs = (inputs[0].expand(self.batch_size, *inputs[0].shape[1:]),) + inputs[1:]
                 returned = output
-            call = LayerCall(name, module, inputs, output)
+            call = LayerCall(name, module, inputs, output, root)
             self.calls.append(call)
             if self.on_call is not None:
                 self.on_call(call)

@@ -124,7 +124,8 @@ class LayerNormRule(Rule):
             xhat = F.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
             xs.append(group_rows(xhat, n, dims).reshape(n, -1, *module.normalized_shape))
             gs.append(group_rows(g, n, dims).reshape(n, -1, *module.normalized_shape))
-        xhat, g = torch.cat(xs, 1), torch.cat(gs, 1).float()
+        xhat = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+        g = (gs[0] if len(gs) == 1 else torch.cat(gs, 1)).float()
         out = {}
         if module.weight is not None:
             out["weight"] = (g * xhat).sum(1)
