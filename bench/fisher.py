@@ -101,9 +101,9 @@ def fwd_plus_c_bwd(model, batch, classes):
     return run
 
 
-def pymerge_fisher(model, batch, mode):
+def pymerge_fisher(model, batch, mode, **kw):
     def run():
-        pf.estimate(model, [batch], mode=mode)
+        pf.estimate(model, [batch], mode=mode, **kw)
     return run
 
 
@@ -177,7 +177,8 @@ def bench_model(name, model, batch, device, reps, with_loop=True, with_vmap=True
     runs = [("plain fwd+bwd (floor)", plain_fwd_bwd(model, batch)),
             ("fwd + 2 batched bwd", fwd_plus_c_bwd(model, batch, 2)),
             ("pymerge empirical", pymerge_fisher(model, batch, "empirical")),
-            ("pymerge exact (C=2)", pymerge_fisher(model, batch, "exact"))]
+            ("pymerge exact (C=2)", pymerge_fisher(model, batch, "exact")),
+            ("pymerge exact, 2 streamed", pymerge_fisher(model, batch, "exact", batched_backward=False))]
     if with_loop:
         runs.append(("per-example loop", per_example_loop(model, batch)))
     if with_vmap:
@@ -198,7 +199,8 @@ def bench_model(name, model, batch, device, reps, with_loop=True, with_vmap=True
         if r is not None:
             print(f"  {label:24s} {r[0]:8.3f} {r[0] / floor_t:8.2f} {r[1] / 2**20:9.1f} {r[1] / max(floor_m, 1):8.2f}")
     emp = results["pymerge empirical"][0]
-    print(f"  exact / (fwd + 2 bwd) = {results['pymerge exact (C=2)'][0] / results['fwd + 2 batched bwd'][0]:.2f}")
+    for label in ("pymerge exact (C=2)", "pymerge exact, 2 streamed"):
+        print(f"  {label} / (fwd + 2 bwd) = {results[label][0] / results['fwd + 2 batched bwd'][0]:.2f}")
     if results.get("per-example loop"):
         print(f"  per-example loop / pymerge empirical = {results['per-example loop'][0] / emp:.2f}x")
     if results.get("torch.func vmap(grad)"):

@@ -301,3 +301,11 @@ def test_masks_mode_delegates_or_explains():
             pf.estimate(fm.bert(), [_cls_batch()], mode="masks")
         return
     pytest.skip("pymerge.fisher.masks is present; its own tests cover mode='masks'")
+
+
+def test_streamed_rounds_equal_the_batched_backward():
+    model, batch = fm.bert(), _cls_batch()
+    batched = pf.estimate(model, [batch], mode="sampled", num_samples=3)
+    streamed = pf.estimate(model, [batch], mode="sampled", num_samples=3, batched_backward=False)
+    for k in batched.keys():
+        torch.testing.assert_close(streamed[k], batched[k], rtol=1e-5, atol=1e-12)

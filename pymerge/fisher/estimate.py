@@ -117,8 +117,10 @@ def _slice_pairs(pairs, n: int, lo: int, hi: int):
 
 
 class _Estimator:
-    def __init__(self, model, plan: _Plan, trainable, mode, num_samples, length_normalize, seed, max_rounds):
+    def __init__(self, model, plan: _Plan, trainable, mode, num_samples, length_normalize, seed, max_rounds,
+                 batched_backward):
         self.model, self.plan, self.trainable = model, plan, trainable
+        self.batched_backward = batched_backward
         self.mode, self.num_samples, self.length_normalize = mode, num_samples, length_normalize
         self.seed, self.max_rounds = seed, max_rounds
         self.acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in trainable.items()}
@@ -138,9 +140,10 @@ class _Estimator:
         for c in capture.calls:
             if c.output is None:  # could not capture this call: its parameters take the generic path
                 generic.update(p for p, owners in self.plan.owners.items() if any(m == c.name for m, _ in owners))
-        if cot.shape[0] == 1 and calls:
-            self._streamed_round(out.log_probs, calls, cot[0], n, generic)
-        for lo in range(0, cot.shape[0] if cot.shape[0] > 1 else 0, self.max_rounds):
+        if calls and (cot.shape[0] == 1 or not self.batched_backward):
+            for r in range(cot.shape[0]):  # one streamed backward per round (retain the graph between them)
+                self._streamed_round(out.log_probs, calls, cot[r], n, generic, retain_graph=r + 1 < cot.shape[0])
+        for lo in range(0, cot.shape[0] if cot.shape[0] > 1 and self.batched_backward else 0, self.max_rounds):
             grads = output_gradients(out.log_probs, calls, cot[lo:lo + self.max_rounds],
                                      retain_graph=lo + self.max_rounds < cot.shape[0])
             for r in range(grads[0].shape[0] if grads else 0):
@@ -158,7 +161,7 @@ class _Estimator:
 
         return set_rows
 
-    def _streamed_round(self, scores, calls, cotangent, n, generic: set) -> None:
+    def _streamed_round(self, scores, calls, cotangent, n, generic: set, retain_graph: bool = False) -> None:
         """One round, consumed during the backward: each single-call layer's G is turned into squared
         per-example gradients by a tensor hook as soon as autograd produces it, then freed, so activation
         gradients are never all alive at once. Layers called several times or sharing a parameter wait for
@@ -178,7 +181,8 @@ class _Estimator:
         handles = [c.output.register_hook(hook_for(c)) for c in streamed]
         try:
             roots = [c.root for c in calls if c.root is not None]
-            grads = torch.autograd.grad(scores, roots + [c.output for c in later], cotangent, allow_unused=True)
+            grads = torch.autograd.grad(scores, roots + [c.output for c in later], cotangent, allow_unused=True,
+                                        retain_graph=retain_graph)
         finally:
             for h in handles:
                 h.remove()
@@ -256,14 +260,16 @@ def _distributed():
 
 def estimate(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], mode: str = "exact", num_samples: int = 1,
              log_prob_fn: Optional[Callable] = None, length_normalize: bool = False, *, kind: str = "auto",
-             seed: int = 0, max_rounds_per_backward: int = 32, **kwargs) -> Fisher:
+             seed: int = 0, max_rounds_per_backward: int = 32, batched_backward: bool = True,
+             **kwargs) -> Fisher:
     """Diagonal Fisher of `model` over `batches` (dicts of tensors; formats in pymerge.fisher.objectives).
 
     mode: "exact" (expectation over all classes / answer choices), "sampled" (num_samples draws per example),
     "empirical" (the labels), or "masks" (head/neuron mask Fisher, pymerge.fisher.masks). log_prob_fn(model,
     batch) -> normalised log-probs [N, C] (or [N, F, C]) makes any model estimable. Only parameters with
     requires_grad=True get a Fisher; the model is left as it was (requires_grad, train/eval) and no .grad is
-    written. Under torch.distributed (torchrun) batches are sharded across ranks and the sums all-reduced.
+    written. batched_backward=False runs the R > 1 pseudo-example rounds (exact classes, samples) as R
+    streamed backwards over one retained graph instead of one vmapped backward (less memory). Under torch.distributed (torchrun) batches are sharded across ranks and the sums all-reduced.
     """
     if mode == "masks":
         try:
@@ -290,7 +296,7 @@ def estimate(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], mode:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     plan = _Plan(model, trainable)
     est = _Estimator(model, plan, trainable, "sampled" if mode == "sampled" else mode, num_samples,
-                     length_normalize, seed, max_rounds_per_backward)
+                     length_normalize, seed, max_rounds_per_backward, batched_backward)
     kind_name = None
     with FrozenParameters(model), LayerCapture(plan.modules) as capture:
         for index, raw in enumerate(batches):
