@@ -69,15 +69,26 @@ def mask_sites(model, kind):
     return ([(l.self_attn.o_proj, H) for l in layers], [(l.mlp.down_proj, D) for l in layers])
 
 
+def ffn_in_modules(model, kind):
+    """Hard-coded FFN-in projections per layer (LLaMA: gate and up share one neuron mask)."""
+    if kind in ("bert", "roberta"):
+        return [[l.intermediate.dense] for l in getattr(model, kind).encoder.layer]
+    if kind == "gpt2":
+        return [[b.mlp.c_fc] for b in model.transformer.h]
+    return [[l.mlp.gate_proj, l.mlp.up_proj] for l in model.model.layers]
+
+
 def default_log_probs(model, inputs):
     return torch.log_softmax(model(**inputs).logits, -1)
 
 
-def reference_mask_fisher(model, kind, batches, mode, log_probs=default_log_probs):
+def reference_mask_fisher(model, kind, batches, mode, log_probs=default_log_probs, neuron_site="activation"):
     """Slow reference: real mask tensors (requires_grad), one example (without its padding) and one class at a
-    time, one forward + autograd.grad each, gradient squared, weighted by p_c (exact) or at the label."""
+    time, one forward + autograd.grad each, gradient squared, weighted by p_c (exact) or at the label.
+    neuron_site="pre_activation": the neuron mask multiplies W1 x inside act(W1 x + b1) (eq. 2 of the paper)."""
     attn_sites, ffn_sites = mask_sites(model, kind)
     sites = attn_sites + ffn_sites
+    ffn_in = ffn_in_modules(model, kind)
     total = [torch.zeros(k, dtype=torch.float64) for _, k in sites]
     count = 0
     for batch in batches:
@@ -88,11 +99,19 @@ def reference_mask_fisher(model, kind, batches, mode, log_probs=default_log_prob
             for c in classes:
                 masks = [torch.ones(k, dtype=torch.float64, requires_grad=True) for _, k in sites]
                 handles = []
-                for (module, k), m in zip(sites, masks):
+                for i, ((module, k), m) in enumerate(zip(sites, masks)):
                     def hook(mod, args, m=m):
                         x = args[0]
                         return (x * m.repeat_interleave(x.shape[-1] // m.numel()),)
-                    handles.append(module.register_forward_pre_hook(hook))
+
+                    def pre_activation_hook(mod, args, out, m=m):
+                        bias = mod.bias if mod.bias is not None else 0.0
+                        return bias + (out - bias) * m
+                    if i >= len(attn_sites) and neuron_site == "pre_activation":
+                        for linear in ffn_in[i - len(attn_sites)]:
+                            handles.append(linear.register_forward_hook(pre_activation_hook))
+                    else:
+                        handles.append(module.register_forward_pre_hook(hook))
                 try:
                     logp = log_probs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
                     grads = torch.autograd.grad(logp[c], masks)
@@ -126,6 +145,33 @@ def test_matches_slow_reference(kind, mode):
         assert_close(a, r)
     assert mf.num_examples == 5 and fisher.metadata["num_examples"] == "5"
     assert fisher.metadata["mode"] == "masks" and fisher.metadata["mask_mode"] == mode
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_pre_activation_neuron_site_matches_reference(kind):
+    model = make_model(kind)
+    batches = make_batches(kind, sizes=((3, 6),))
+    fisher, mf = estimate_masks(model, batches, neuron_site="pre_activation", return_mask_fisher=True)
+    ref_heads, ref_neurons = reference_mask_fisher(model, kind, batches, "empirical", neuron_site="pre_activation")
+    _, act = reference_mask_fisher(model, kind, batches, "empirical")
+    for a, r, other in zip(mf.neurons.values(), ref_neurons, act):
+        assert_close(a, r)
+        assert not torch.allclose(a.double(), other, rtol=1e-2)  # a different quantity from the activation site
+    for a, r in zip(mf.heads.values(), ref_heads):
+        assert_close(a, r)
+    assert fisher.metadata["mask_neuron_site"] == "pre_activation"
+
+
+def test_low_precision_model_accumulates_in_fp32():
+    ref_model = make_model("bert")
+    batches = make_batches("bert")
+    _, ref = estimate_masks(ref_model, batches, return_mask_fisher=True)
+    fisher, low = estimate_masks(make_model("bert").to(torch.bfloat16), batches, return_mask_fisher=True)
+    assert all(t.dtype == torch.float32 for t in fisher.tensors.values())
+    for k in ref.heads:
+        assert low.heads[k].dtype == torch.float32
+        rel = (low.heads[k].double() - ref.heads[k].double()).abs().max() / ref.heads[k].double().abs().max()
+        assert rel < 0.15, (k, rel)
 
 
 def test_batching_does_not_change_the_result():
@@ -342,6 +388,8 @@ def test_bad_input():
         estimate_masks(model, batches, mapping="everything")
     with pytest.raises(ValueError, match="unknown targets"):
         MaskMapping(attention=("q", "x"))
+    with pytest.raises(ValueError, match="neuron_site"):
+        estimate_masks(model, batches, neuron_site="inside")
     with pytest.raises(TypeError, match="unexpected"):
         estimate_masks(model, batches, samples=3)
     for p in model.parameters():  # errors also restore the model

@@ -95,15 +95,25 @@ class MaskFisher:
     num_examples: int
     mode: str
     structure: Optional[MaskStructure] = field(default=None, repr=False)
+    neuron_site: str = "activation"
 
 
 # --------------------------------------------------------------------------------------------------- estimation
 
-class _MaskRecorder:
-    """Forward pre-hooks that multiply each mask site by a fresh per-example ones mask and keep the masks."""
+NEURON_SITES = ("activation", "pre_activation")
 
-    def __init__(self, structure: MaskStructure):
+
+class _MaskRecorder:
+    """Hooks that multiply each mask site by a fresh per-example ones mask and keep the masks.
+
+    Heads: the input of the attention output projection. Neurons: the input of the FFN-out projection
+    ("activation", Kwon et al.: mask 0 removes the neuron) or, with "pre_activation", the W1 x part of every
+    FFN-in projection's output (eq. 2 of the paper: act(m ⊙ W1 x + b1); one mask shared by gate and up).
+    """
+
+    def __init__(self, structure: MaskStructure, neuron_site: str = "activation"):
         self.structure = structure
+        self.neuron_site = neuron_site
         self.head_masks: List[List[torch.Tensor]] = [[] for _ in structure.attention]
         self.neuron_masks: List[List[torch.Tensor]] = [[] for _ in structure.ffn]
         self.handles = []
@@ -113,8 +123,13 @@ class _MaskRecorder:
             self.handles.append(block.out.module.register_forward_pre_hook(
                 self._hook(self.head_masks[i], block.num_heads, block.out.name)))
         for i, ffn in enumerate(self.structure.ffn):
-            self.handles.append(ffn.out.module.register_forward_pre_hook(
-                self._hook(self.neuron_masks[i], ffn.width, ffn.out.name)))
+            if self.neuron_site == "activation":
+                self.handles.append(ffn.out.module.register_forward_pre_hook(
+                    self._hook(self.neuron_masks[i], ffn.width, ffn.out.name)))
+            else:
+                for proj in ffn.inputs:
+                    self.handles.append(proj.module.register_forward_hook(
+                        self._pre_activation_hook(self.neuron_masks[i], ffn.width, proj.name)))
         return self
 
     def __exit__(self, *exc):
@@ -140,6 +155,19 @@ class _MaskRecorder:
             shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (groups, 1)
             masked = (x.unflatten(-1, (groups, -1)) * mask.view(shape)).flatten(-2)
             return (masked,) + tuple(args[1:])
+        return hook
+
+    @staticmethod
+    def _pre_activation_hook(store: List[torch.Tensor], width: int, site: str):
+        def hook(module, args, out):
+            if not torch.is_tensor(out) or out.dim() < 2 or out.shape[-1] != width:
+                raise RuntimeError(f"mask Fisher: output of {site} is not a [batch, ..., {width}] tensor")
+            mask = torch.ones(out.shape[0], width, dtype=out.dtype, device=out.device, requires_grad=True)
+            store.append(mask)
+            bias = getattr(module, "bias", None)
+            linear = out - bias if bias is not None else out
+            # out + (m - 1) * W1x: exactly `out` at m = 1, gradient W1x . dL/dout per neuron.
+            return out + (mask - 1).view((out.shape[0],) + (1,) * (out.dim() - 2) + (width,)) * linear
         return hook
 
 
@@ -214,19 +242,23 @@ def estimate_masks(
     log_prob_fn: Optional[LogProbFn] = None,
     return_mask_fisher: bool = False,
     structure: Optional[MaskStructure] = None,
+    neuron_site: str = "activation",
     **unused,
 ) -> Union[Fisher, Tuple[Fisher, MaskFisher]]:
     """Mask Fisher of every attention head and FFN neuron, mapped onto a full per-parameter Fisher.
 
     batches: dicts as HF models take (input_ids, attention_mask, ..., labels). mode: "empirical" (true labels)
     or "exact" (expectation over all classes). log_prob_fn(model, batch) -> [N, C] log-probabilities replaces the
-    default HF sequence classification scoring. structure: override the discovered heads / FFNs. Returns the
+    default HF sequence classification scoring. structure: override the discovered heads / FFNs. neuron_site:
+    "activation" (mask on the neuron's output, Kwon et al.) or "pre_activation" (m ⊙ W1 x, eq. 2). Returns the
     Fisher (metadata mode="masks"), and the compact MaskFisher too with return_mask_fisher=True.
     """
     if unused:
         raise TypeError(f"estimate_masks: unexpected arguments {sorted(unused)}")
     if mode not in ("empirical", "exact"):
         raise ValueError(f"mode={mode!r}: mask Fisher supports 'empirical' or 'exact'")
+    if neuron_site not in NEURON_SITES:
+        raise ValueError(f"neuron_site={neuron_site!r}: expected one of {NEURON_SITES}")
     mapping = MaskMapping.resolve(mapping)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -247,7 +279,7 @@ def estimate_masks(
         model.eval()
         for p in params:  # frozen: backward computes activation gradients only, nothing lands in .grad
             p.requires_grad_(False)
-        with _MaskRecorder(structure) as rec, torch.enable_grad():
+        with _MaskRecorder(structure, neuron_site) as rec, torch.enable_grad():
             for index, batch in enumerate(batches):
                 if not isinstance(batch, Mapping):
                     raise TypeError(f"batch {index}: expected a dict of tensors, got {type(batch).__name__}")
@@ -290,7 +322,7 @@ def estimate_masks(
     mask_fisher = MaskFisher(
         heads={b.name: (a / total).float().cpu() for b, a in zip(structure.attention, acc_heads)},
         neurons={f.name: (a / total).float().cpu() for f, a in zip(structure.ffn, acc_neurons)},
-        num_examples=total, mode=mode, structure=structure)
+        num_examples=total, mode=mode, structure=structure, neuron_site=neuron_site)
     fisher = mask_fisher_to_parameters(model, mask_fisher, mapping=mapping, structure=structure)
     return (fisher, mask_fisher) if return_mask_fisher else fisher
 
@@ -362,6 +394,7 @@ def mask_fisher_to_parameters(model: nn.Module, mask_fisher: MaskFisher, *,
         "mode": "masks",
         "mask_mode": mask_fisher.mode,
         "mask_mapping": mapping.to_json(),
+        "mask_neuron_site": mask_fisher.neuron_site,
         "num_examples": str(mask_fisher.num_examples),
         "structure": structure_fingerprint(model),
         "weights": weights_fingerprint(model),
