@@ -37,8 +37,17 @@ def make_model(kind, seed=0):
                                        num_attention_heads=H, num_key_value_heads=2, intermediate_size=D,
                                        max_position_embeddings=32, initializer_range=0.2, **common)
         model = transformers.LlamaForSequenceClassification(cfg)
+    elif kind == "opt":  # flattens activations to [N*T, F] around its FFN
+        cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=H * DH, num_hidden_layers=LAYERS,
+                                     num_attention_heads=H, ffn_dim=D, word_embed_proj_dim=H * DH,
+                                     max_position_embeddings=32, init_std=0.2, **common)
+        model = transformers.OPTForSequenceClassification(cfg)
     else:
         raise ValueError(kind)
+    with torch.no_grad():  # HF initialises biases to 0: random ones make bias handling matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.2)
     return model.double().eval()
 
 
@@ -51,7 +60,7 @@ def make_batches(kind, sizes=((3, 7), (2, 5)), seed=1):
         ids = torch.randint(2, VOCAB, (n, t), generator=g)
         mask = torch.ones(n, t, dtype=torch.long)
         for i in range(n):
-            length = t - i  # example i has i pad tokens at the end
+            length = max(t - 2 * i, 2)  # example i has 2i pad tokens at the end (at least 2 real ones)
             ids[i, length:] = pad
             mask[i, length:] = 0
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, C, (n,), generator=g)})
@@ -65,6 +74,9 @@ def mask_sites(model, kind):
         return ([(l.attention.output.dense, H) for l in layers], [(l.output.dense, D) for l in layers])
     if kind == "gpt2":
         return ([(b.attn.c_proj, H) for b in model.transformer.h], [(b.mlp.c_proj, D) for b in model.transformer.h])
+    if kind == "opt":
+        layers = model.model.decoder.layers
+        return ([(l.self_attn.out_proj, H) for l in layers], [(l.fc2, D) for l in layers])
     layers = model.model.layers
     return ([(l.self_attn.o_proj, H) for l in layers], [(l.mlp.down_proj, D) for l in layers])
 
@@ -75,6 +87,8 @@ def ffn_in_modules(model, kind):
         return [[l.intermediate.dense] for l in getattr(model, kind).encoder.layer]
     if kind == "gpt2":
         return [[b.mlp.c_fc] for b in model.transformer.h]
+    if kind == "opt":
+        return [[l.fc1] for l in model.model.decoder.layers]
     return [[l.mlp.gate_proj, l.mlp.up_proj] for l in model.model.layers]
 
 
@@ -131,11 +145,11 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-4, atol=1e-6 * scale)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "gpt2", "llama"])
-@pytest.mark.parametrize("mode", ["empirical", "exact"])
+@pytest.mark.parametrize("kind,mode", [(k, m) for k in ("bert", "roberta", "gpt2", "llama")
+                                       for m in ("empirical", "exact")] + [("opt", "empirical")])
 def test_matches_slow_reference(kind, mode):
     model = make_model(kind)
-    batches = make_batches(kind)
+    batches = make_batches(kind, sizes=((2, 7), (2, 5)))
     fisher, mf = estimate_masks(model, batches, mode=mode, return_mask_fisher=True)
     ref_heads, ref_neurons = reference_mask_fisher(model, kind, batches, mode)
     heads, neurons = list(mf.heads.values()), list(mf.neurons.values())
@@ -143,11 +157,11 @@ def test_matches_slow_reference(kind, mode):
     assert all(float(r.max()) > 0 for r in ref_heads + ref_neurons)  # the check is not vacuous
     for a, r in zip(heads + neurons, ref_heads + ref_neurons):
         assert_close(a, r)
-    assert mf.num_examples == 5 and fisher.metadata["num_examples"] == "5"
+    assert mf.num_examples == 4 and fisher.metadata["num_examples"] == "4"
     assert fisher.metadata["mode"] == "masks" and fisher.metadata["mask_mode"] == mode
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "opt"])
 def test_pre_activation_neuron_site_matches_reference(kind):
     model = make_model(kind)
     batches = make_batches(kind, sizes=((3, 6),))
@@ -202,6 +216,33 @@ def test_custom_log_prob_fn():
         ref_heads, ref_neurons = reference_mask_fisher(model, "bert", batches, "exact", log_probs=two_class_log_probs)
     finally:
         C = saved
+    for a, r in zip(list(mf.heads.values()) + list(mf.neurons.values()), ref_heads + ref_neurons):
+        assert_close(a, r)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_exact_with_all_class_backwards_matches_reference(kind):
+    model = make_model(kind)
+    batches = make_batches(kind, sizes=((3, 6),))
+    _, auto = estimate_masks(model, batches, mode="exact", return_mask_fisher=True)  # C - 1 = 2 backwards
+    _, every = estimate_masks(model, batches, mode="exact", exact_backwards="all", return_mask_fisher=True)
+    ref_heads, ref_neurons = reference_mask_fisher(model, kind, batches, "exact")
+    for name, ref in zip(list(auto.heads) + list(auto.neurons), ref_heads + ref_neurons):
+        got_auto = auto.heads.get(name, auto.neurons.get(name))
+        got_every = every.heads.get(name, every.neurons.get(name))
+        assert_close(got_auto, ref)
+        assert_close(got_every, ref)
+
+
+def test_exact_with_unnormalised_scores_uses_every_class():
+    def scores(model, batch):  # e.g. length-normalised choice scores: exp does not sum to 1
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return torch.log_softmax(model(**inputs).logits, -1) - 0.3
+
+    model = make_model("bert")
+    batches = make_batches("bert", sizes=((3, 6),))
+    _, mf = estimate_masks(model, batches, mode="exact", log_prob_fn=scores, return_mask_fisher=True)
+    ref_heads, ref_neurons = reference_mask_fisher(model, "bert", batches, "exact", log_probs=scores)
     for a, r in zip(list(mf.heads.values()) + list(mf.neurons.values()), ref_heads + ref_neurons):
         assert_close(a, r)
 

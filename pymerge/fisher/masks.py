@@ -8,7 +8,8 @@ interact). Model weights are frozen meanwhile: the backward computes activation 
 gradients, and nothing lands in `.grad`.
 
 Mask Fisher (eq. 4): I = (1/N) Σ_n E_y g_n(y)², E_y exact over classes (each class a pseudo-example weighted by
-p_c, one backward per class off one forward) or empirical (the true label). It is then mapped onto parameter
+p_c; off one forward, C - 1 backwards since the score has mean zero, one for binary tasks) or empirical (the
+true label, one backward). It is then mapped onto parameter
 blocks (paper's scheme by default: rows of Q and K of head h get the head's value, rows of the FFN-in projection
 get the neuron's, every other parameter F = 1), giving a full per-parameter `Fisher` that the merge engine reads
 like any other Fisher file.
@@ -114,6 +115,7 @@ class _MaskRecorder:
     def __init__(self, structure: MaskStructure, neuron_site: str = "activation"):
         self.structure = structure
         self.neuron_site = neuron_site
+        self.batch_shape: Optional[Tuple[int, ...]] = None  # [N, T] of the batch's token inputs
         self.head_masks: List[List[torch.Tensor]] = [[] for _ in structure.attention]
         self.neuron_masks: List[List[torch.Tensor]] = [[] for _ in structure.ffn]
         self.handles = []
@@ -141,33 +143,46 @@ class _MaskRecorder:
         for masks in self.head_masks + self.neuron_masks:
             masks.clear()
 
+    def _per_example(self, x: torch.Tensor) -> torch.Tensor:
+        """x as [N, ..., F]: activations flattened to [N*T, F] (OPT's FFN) are viewed back as [N, T, F]."""
+        shape = self.batch_shape
+        if shape is not None and len(shape) == 2 and x.dim() == 2 and x.shape[0] != shape[0] \
+                and x.shape[0] == shape[0] * shape[1]:
+            return x.view(shape[0], shape[1], x.shape[-1])
+        return x
+
     @staticmethod
-    def _hook(store: List[torch.Tensor], groups: int, site: str):
+    def _mask(x: torch.Tensor, groups: int) -> torch.Tensor:
+        """One all-ones mask per example: its gradient row n is example n's mask gradient."""
+        return torch.ones(x.shape[0], groups, dtype=x.dtype, device=x.device, requires_grad=True)
+
+    def _hook(self, store: List[torch.Tensor], groups: int, site: str):
         def hook(module, args):
             if not args or not torch.is_tensor(args[0]) or args[0].dim() < 2:
                 raise RuntimeError(f"mask Fisher: {site} was called without a [batch, ..., features] tensor input")
-            x = args[0]
+            x = self._per_example(args[0])
             if x.shape[-1] % groups:
                 raise RuntimeError(f"mask Fisher: input of {site} has {x.shape[-1]} features, not a multiple of "
                                    f"{groups} mask groups")
-            mask = torch.ones(x.shape[0], groups, dtype=x.dtype, device=x.device, requires_grad=True)
+            mask = self._mask(x, groups)
             store.append(mask)
             shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (groups, 1)
             masked = (x.unflatten(-1, (groups, -1)) * mask.view(shape)).flatten(-2)
-            return (masked,) + tuple(args[1:])
+            return (masked.view(args[0].shape),) + tuple(args[1:])
         return hook
 
-    @staticmethod
-    def _pre_activation_hook(store: List[torch.Tensor], width: int, site: str):
+    def _pre_activation_hook(self, store: List[torch.Tensor], width: int, site: str):
         def hook(module, args, out):
             if not torch.is_tensor(out) or out.dim() < 2 or out.shape[-1] != width:
                 raise RuntimeError(f"mask Fisher: output of {site} is not a [batch, ..., {width}] tensor")
-            mask = torch.ones(out.shape[0], width, dtype=out.dtype, device=out.device, requires_grad=True)
+            y = self._per_example(out)
+            mask = self._mask(y, width)
             store.append(mask)
             bias = getattr(module, "bias", None)
-            linear = out - bias if bias is not None else out
+            linear = y - bias if bias is not None else y
             # out + (m - 1) * W1x: exactly `out` at m = 1, gradient W1x . dL/dout per neuron.
-            return out + (mask - 1).view((out.shape[0],) + (1,) * (out.dim() - 2) + (width,)) * linear
+            masked = y + (mask - 1).view((y.shape[0],) + (1,) * (y.dim() - 2) + (width,)) * linear
+            return masked.view(out.shape)
         return hook
 
 
@@ -202,6 +217,12 @@ def _labels(batch: Mapping[str, torch.Tensor], index: int, n: int, classes: int,
     return labels.long()
 
 
+def _normalised(logp: torch.Tensor) -> bool:
+    """Rows are log-probabilities of a full distribution (sum of exp = 1), as a softmax head gives."""
+    tol = 1e-3 if logp.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
+    return bool((torch.logsumexp(logp.detach().double(), dim=1).abs() < tol).all())
+
+
 def _batch_size(batch: Mapping) -> Optional[int]:
     """Leading size of the first tensor input (None when there is none): empty batches are skipped."""
     for k, v in batch.items():
@@ -210,18 +231,28 @@ def _batch_size(batch: Mapping) -> Optional[int]:
     return None
 
 
+def _token_shape(batch: Mapping) -> Optional[Tuple[int, ...]]:
+    for k in ("input_ids", "attention_mask", "inputs_embeds"):
+        v = batch.get(k)
+        if torch.is_tensor(v) and v.dim() >= 2:
+            return tuple(v.shape[:2])
+    return None
+
+
 def _to_device(batch: Mapping, device) -> Dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _sum_sq_grads(target: torch.Tensor, masks: Sequence[Sequence[torch.Tensor]], n: int,
-                  acc: List[torch.Tensor], retain: bool) -> None:
+def _mask_grads(target: torch.Tensor, masks: Sequence[Sequence[torch.Tensor]], n: int,
+                retain: bool) -> List[Optional[torch.Tensor]]:
+    """Per-example gradients [N, groups] (fp64) of `target` w.r.t. every block's masks (None: block unused)."""
     flat = [m for ms in masks for m in ms]
     grads = torch.autograd.grad(target, flat, retain_graph=retain, allow_unused=True) if flat else ()
     it = iter(grads)
-    for i, ms in enumerate(masks):
+    out: List[Optional[torch.Tensor]] = []
+    for ms in masks:
         g = None
-        for m in ms:  # a module called several times in one forward: its mask gradient is the sum over calls
+        for _ in ms:  # a module called several times in one forward: its mask gradient is the sum over calls
             gi = next(it)
             if gi is None:
                 continue
@@ -229,8 +260,43 @@ def _sum_sq_grads(target: torch.Tensor, masks: Sequence[Sequence[torch.Tensor]],
                 raise RuntimeError(f"mask Fisher: a mask site saw {gi.shape[0]} rows but the batch has {n} examples; "
                                    f"per-example masks need [batch, ..., features] activations")
             g = gi if g is None else g + gi
-        if g is not None:
-            acc[i] += g.double().square().sum(0)
+        out.append(None if g is None else g.double())
+    return out
+
+
+def _exact_all_classes(logp, masks, n, acc) -> None:
+    """E_y g² with one backward per class: each (example, class) a pseudo-example of weight p_c (the log-prob
+    scaled by sqrt(p_c) scales its gradient by sqrt(p_c), so the squared gradient carries p_c)."""
+    root_p = logp.detach().exp().sqrt()
+    classes = logp.shape[1]
+    for c in range(classes):
+        for a, g in zip(acc, _mask_grads((logp[:, c] * root_p[:, c]).sum(), masks, n, retain=c < classes - 1)):
+            if g is not None:
+                a += g.square().sum(0)
+
+
+def _exact_one_class_fewer(logp, masks, n, acc) -> None:
+    """E_y g² with C - 1 backwards for a normalised distribution: Σ_c p_c g_c = 0 (the score has mean zero), so
+    the most probable class's gradient is -(Σ_{c≠top} p_c g_c) / p_top; p_top >= 1/C keeps that stable. Binary
+    classification costs one backward, like the empirical Fisher."""
+    p = logp.detach().exp().double()
+    order = torch.argsort(p, dim=1, descending=True)
+    top, others = order[:, 0], order[:, 1:]
+    p_top = p.gather(1, top[:, None])  # [N, 1]
+    p_others = p.gather(1, others)  # [N, C-1]
+    k_count = others.shape[1]
+    weighted: List[Optional[torch.Tensor]] = [None] * len(acc)  # Σ_k p_k g_k per block, [N, groups]
+    for k in range(k_count):
+        grads = _mask_grads(logp.gather(1, others[:, k:k + 1]).sum(), masks, n, retain=k < k_count - 1)
+        pk = p_others[:, k:k + 1]
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            acc[i] += (pk * g.square()).sum(0)
+            weighted[i] = pk * g if weighted[i] is None else weighted[i] + pk * g
+    for i, w in enumerate(weighted):
+        if w is not None:
+            acc[i] += (w.square() / p_top).sum(0)
 
 
 def estimate_masks(
@@ -243,6 +309,7 @@ def estimate_masks(
     return_mask_fisher: bool = False,
     structure: Optional[MaskStructure] = None,
     neuron_site: str = "activation",
+    exact_backwards: str = "auto",
     **unused,
 ) -> Union[Fisher, Tuple[Fisher, MaskFisher]]:
     """Mask Fisher of every attention head and FFN neuron, mapped onto a full per-parameter Fisher.
@@ -250,7 +317,8 @@ def estimate_masks(
     batches: dicts as HF models take (input_ids, attention_mask, ..., labels). mode: "empirical" (true labels)
     or "exact" (expectation over all classes). log_prob_fn(model, batch) -> [N, C] log-probabilities replaces the
     default HF sequence classification scoring. structure: override the discovered heads / FFNs. neuron_site:
-    "activation" (mask on the neuron's output, Kwon et al.) or "pre_activation" (m ⊙ W1 x, eq. 2). Returns the
+    "activation" (mask on the neuron's output, Kwon et al.) or "pre_activation" (m ⊙ W1 x, eq. 2).
+    exact_backwards: "auto" (C - 1 backwards when the log-probs are normalised, else C) or "all" (C). Returns the
     Fisher (metadata mode="masks"), and the compact MaskFisher too with return_mask_fisher=True.
     """
     if unused:
@@ -259,6 +327,8 @@ def estimate_masks(
         raise ValueError(f"mode={mode!r}: mask Fisher supports 'empirical' or 'exact'")
     if neuron_site not in NEURON_SITES:
         raise ValueError(f"neuron_site={neuron_site!r}: expected one of {NEURON_SITES}")
+    if exact_backwards not in ("auto", "all"):
+        raise ValueError(f"exact_backwards={exact_backwards!r}: expected 'auto' or 'all'")
     mapping = MaskMapping.resolve(mapping)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -287,6 +357,7 @@ def estimate_masks(
                     continue
                 batch = _to_device(batch, device)
                 rec.reset()
+                rec.batch_shape = _token_shape(batch)
                 logp = score(model, batch)
                 if not torch.is_tensor(logp) or logp.dim() != 2:
                     raise ValueError(f"batch {index}: log-probabilities must be a [N, C] tensor, got "
@@ -300,13 +371,13 @@ def estimate_masks(
                                        "attention / FFN output projections called?)")
                 if mode == "empirical":
                     y = _labels(batch, index, n, classes, logp.device)
-                    _sum_sq_grads(logp.gather(1, y[:, None]).sum(), masks, n, acc, retain=False)
+                    for a, g in zip(acc, _mask_grads(logp.gather(1, y[:, None]).sum(), masks, n, retain=False)):
+                        if g is not None:
+                            a += g.square().sum(0)
+                elif exact_backwards == "all" or not _normalised(logp):
+                    _exact_all_classes(logp, masks, n, acc)
                 else:
-                    # Each (example, class) is a pseudo-example of weight p_c: scaling its log-prob by sqrt(p_c)
-                    # scales its mask gradient by sqrt(p_c), so the squared gradient carries p_c.
-                    root_p = logp.detach().exp().sqrt()
-                    for c in range(classes):
-                        _sum_sq_grads((logp[:, c] * root_p[:, c]).sum(), masks, n, acc, retain=c < classes - 1)
+                    _exact_one_class_fewer(logp, masks, n, acc)
                 total += n
                 rec.reset()
     finally:
