@@ -81,7 +81,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from pymerge.fisher.masks import estimate_masks, mask_fisher_to_parameters  # noqa: F401
+    from pymerge.fisher.masks import estimate_mask_fisher, estimate_masks
     from pymerge.fisher.masks_structure import find_mask_structure
 
     model = load_model(device)
@@ -102,15 +102,8 @@ def main(argv=None):
     def masks_exact():
         estimate_masks(model, [batch], mode="exact", structure=structure)
 
-    def masks_only():
-        # The compact mask Fisher alone: same estimation, the per-parameter map skipped by a no-op mapping step.
-        from pymerge.fisher import masks as m
-        saved = m.mask_fisher_to_parameters
-        m.mask_fisher_to_parameters = lambda *a, **k: None
-        try:
-            estimate_masks(model, [batch], mode="empirical", structure=structure)
-        finally:
-            m.mask_fisher_to_parameters = saved
+    def masks_only():  # the compact mask Fisher alone, without the map onto a full per-parameter Fisher
+        estimate_mask_fisher(model, [batch], mode="empirical", structure=structure)
 
     def full_loop():
         acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}

@@ -315,21 +315,45 @@ def estimate_masks(
     """Mask Fisher of every attention head and FFN neuron, mapped onto a full per-parameter Fisher.
 
     batches: dicts as HF models take (input_ids, attention_mask, ..., labels). mode: "empirical" (true labels)
-    or "exact" (expectation over all classes). log_prob_fn(model, batch) -> [N, C] log-probabilities replaces the
-    default HF sequence classification scoring. structure: override the discovered heads / FFNs. neuron_site:
-    "activation" (mask on the neuron's output, Kwon et al.) or "pre_activation" (m ⊙ W1 x, eq. 2).
-    exact_backwards: "auto" (C - 1 backwards when the log-probs are normalised, else C) or "all" (C). Returns the
-    Fisher (metadata mode="masks"), and the compact MaskFisher too with return_mask_fisher=True.
+    or "exact" (expectation over all classes). mapping: see MaskMapping ("paper" by default). The other arguments
+    are those of `estimate_mask_fisher`. Returns the Fisher (metadata mode="masks"), and the compact MaskFisher
+    too with return_mask_fisher=True.
     """
     if unused:
         raise TypeError(f"estimate_masks: unexpected arguments {sorted(unused)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    mapping = MaskMapping.resolve(mapping)
+    structure = structure if structure is not None else find_mask_structure(model)
+    mask_fisher = estimate_mask_fisher(model, batches, mode=mode, log_prob_fn=log_prob_fn, structure=structure,
+                                       neuron_site=neuron_site, exact_backwards=exact_backwards)
+    fisher = mask_fisher_to_parameters(model, mask_fisher, mapping=mapping, structure=structure)
+    return (fisher, mask_fisher) if return_mask_fisher else fisher
+
+
+def estimate_mask_fisher(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    mode: str = "empirical",
+    log_prob_fn: Optional[LogProbFn] = None,
+    structure: Optional[MaskStructure] = None,
+    neuron_site: str = "activation",
+    exact_backwards: str = "auto",
+) -> MaskFisher:
+    """The compact mask Fisher: per attention block [num_heads], per FFN [num_neurons].
+
+    log_prob_fn(model, batch) -> [N, C] log-probabilities replaces the default HF sequence classification
+    scoring. structure: override the discovered heads / FFNs. neuron_site: "activation" (mask on the neuron's
+    output, Kwon et al.) or "pre_activation" (m ⊙ W1 x, eq. 2). exact_backwards: "auto" (C - 1 backwards when the
+    log-probs are normalised, else C) or "all" (C).
+    """
     if mode not in ("empirical", "exact"):
         raise ValueError(f"mode={mode!r}: mask Fisher supports 'empirical' or 'exact'")
     if neuron_site not in NEURON_SITES:
         raise ValueError(f"neuron_site={neuron_site!r}: expected one of {NEURON_SITES}")
     if exact_backwards not in ("auto", "all"):
         raise ValueError(f"exact_backwards={exact_backwards!r}: expected 'auto' or 'all'")
-    mapping = MaskMapping.resolve(mapping)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(batches, Mapping):
@@ -390,12 +414,10 @@ def estimate_masks(
     unused_blocks = [b.name for b, a in zip(structure.attention, acc_heads) if not bool(a.any())]
     if unused_blocks:
         warnings.warn(f"mask Fisher: attention blocks with zero Fisher (never used in the forward?): {unused_blocks}")
-    mask_fisher = MaskFisher(
+    return MaskFisher(
         heads={b.name: (a / total).float().cpu() for b, a in zip(structure.attention, acc_heads)},
         neurons={f.name: (a / total).float().cpu() for f, a in zip(structure.ffn, acc_neurons)},
         num_examples=total, mode=mode, structure=structure, neuron_site=neuron_site)
-    fisher = mask_fisher_to_parameters(model, mask_fisher, mapping=mapping, structure=structure)
-    return (fisher, mask_fisher) if return_mask_fisher else fisher
 
 
 # ------------------------------------------------------------------------------------------------------ mapping
