@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="pymerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the whole pipeline on an embedded default")
+    demo = sub.add_parser("demo", help="run the whole pipeline on an embedded default (offline MiniLM, real data)")
+    demo.add_argument("--out", default="demo-out", help="working directory (fine-tuned models and Fishers are reused)")
+    demo.add_argument("--steps", type=int, default=120, help="fine-tuning steps per task")
     _add_merge(sub)
     _add_inspect(sub)
     _add_fisher(sub, wanted=bool(argv) and argv[0] == "fisher")
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from pymerge.demo import run_demo
 
-        return run_demo()
+        run_demo(args.out, steps=args.steps)
+        return 0
     if args.command == "fisher":
         if getattr(args, "fisher_missing", None):
             print(f"pymerge fisher: the Fisher engine (pymerge.fisher.command) is not available in this "

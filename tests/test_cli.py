@@ -94,8 +94,3 @@ def test_fisher_subcommand_is_lazy(capsys):
         with pytest.raises(SystemExit) as exc:
             main(["fisher", "--help"])
         assert exc.value.code == 0 and "--data" in capsys.readouterr().out
-
-
-def test_demo_still_runs(capsys):
-    assert main(["demo"]) == 0
-    assert "pymerge demo" in capsys.readouterr().out
