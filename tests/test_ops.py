@@ -396,3 +396,11 @@ def test_compiled_op_checks_its_arguments_too():
         torch.ops.pymerge.dare(x, 1.0, 0)
     with pytest.raises(RuntimeError, match=r"weighted_sum: tensors: at most 16"):
         torch.ops.pymerge.weighted_sum([x] * 17, [1.0] * 17, None)
+
+
+def test_wrappers_compile_with_fullgraph():
+    ps = [torch.randn(33) for _ in range(2)]
+    fs = [torch.rand(33) for _ in range(2)]
+    compiled = torch.compile(lambda a, b, c, d: ops.fisher_merge([a * 2, b], [c, d], fallback="average") + 1,
+                             fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*ps, *fs), ops.fisher_merge([ps[0] * 2, ps[1]], fs, fallback="average") + 1)
