@@ -144,9 +144,10 @@ def _fake_like(t: torch.Tensor) -> torch.Tensor:
 # weighted_sum
 # ----------------------------------------------------------------------------------------------
 def weighted_sum_reference(tensors, weights, base=None):
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     if base is not None:
-        acc += base.float()
+        acc = base.float().clone()  # starts at base (not 0 + base): keeps the sign of a -0.0 base, as the kernels do
+    else:
+        acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     for w, t in zip(weights, tensors):
         acc += float(w) * t.float()
     return acc.to(tensors[0].dtype)
