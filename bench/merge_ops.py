@@ -5,7 +5,10 @@ For each device (CPU; CUDA when present), dtype (fp32, bf16), M models and N par
   eager    the formula a user writes in torch (as FusionBench / MergeLM do), e.g. sum(w*f*p) / sum(w*f)
   copy     the bandwidth ceiling: a torch copy_ into a preallocated tensor moving the same bytes as the op
            (bytes read + bytes written), measured in the same run
-and prints GB/s (op bytes / time) and the ratios fused/copy (share of the ceiling) and eager/fused (speed-up).
+  clone    the same bytes copied into a fresh tensor (allocation + first-touch page faults, which every op
+           returning a new tensor pays too)
+and prints GB/s (op bytes / time) and the ratios fused/copy (share of the ceiling), fused/clone and
+eager/fused (speed-up).
 Times are the minimum over repeats. Run:  python bench/merge_ops.py [--quick] [--device cpu|cuda|all]
 """
 from __future__ import annotations
@@ -76,20 +79,27 @@ def eager_dare(t, p, seed):
 
 
 def ceiling(nbytes_moved, dtype, device, repeats):
-    """GB/s of torch copy_ moving nbytes_moved bytes (half read, half written) into a preallocated tensor."""
+    """GB/s of torch copy_ moving nbytes_moved bytes (half read, half written) into a preallocated tensor, and of
+    clone() moving the same bytes into a fresh tensor (allocation and first-touch page faults included, as an
+    op that returns a new tensor pays them)."""
     elems = max(1, nbytes_moved // 2 // torch.empty((), dtype=dtype).element_size())
     src = torch.ones(elems, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), device, repeats)
-    return 2 * elems * src.element_size() / t / 1e9
+    t_copy = timeit(lambda: dst.copy_(src), device, repeats)
+    del dst
+    t_clone = timeit(lambda: src.clone(), device, repeats)
+    moved = 2 * elems * src.element_size()
+    return moved / t_copy / 1e9, moved / t_clone / 1e9
 
 
-def row(op, device, dtype, m, n, fused_t, eager_t, nbytes, ceil_gbs):
+def row(op, device, dtype, m, n, fused_t, eager_t, nbytes, ceilings):
+    ceil_gbs, clone_gbs = ceilings
     fused_gbs = nbytes / fused_t / 1e9
     eager_gbs = nbytes / eager_t / 1e9 if eager_t else float("nan")
     print(f"{device:4s} {op:15s} {str(dtype).replace('torch.', ''):8s} M={m:<2d} N={n / 1e6:6.1f}M  "
           f"fused {fused_t * 1e3:8.2f} ms {fused_gbs:7.2f} GB/s | eager {eager_t * 1e3:9.2f} ms {eager_gbs:7.2f} GB/s | "
-          f"copy {ceil_gbs:7.2f} GB/s | fused/copy {fused_gbs / ceil_gbs:5.0%}  eager/fused {eager_t / fused_t:6.1f}x",
+          f"copy {ceil_gbs:6.2f} clone {clone_gbs:6.2f} GB/s | fused/copy {fused_gbs / ceil_gbs:5.0%} "
+          f"fused/clone {fused_gbs / clone_gbs:5.0%}  eager/fused {eager_t / fused_t:6.1f}x",
           flush=True)
 
 

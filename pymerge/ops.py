@@ -7,7 +7,6 @@ dtype, contiguous, with the params' shape; non-contiguous inputs are accepted. M
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal, Optional, Sequence
 
@@ -114,14 +113,21 @@ def _check_finite(name: str, tensors) -> None:
             raise ValueError(f"{label}: contains NaN or Inf (check_finite=True)")
 
 
-@functools.lru_cache(maxsize=None)
+_KERNEL_CACHE: dict = {}  # a plain dict, not lru_cache: torch.compile traces through it without warnings
+
+
 def _kernel_for(name: str, device_type: str) -> bool:
-    if not _HAS_EXT:
-        return False
-    if device_type == "meta":  # the register_fake kernels below serve meta tensors
-        return True
-    key = _DEVICE_KEYS.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pymerge::{name}", key)
+    found = _KERNEL_CACHE.get((name, device_type))
+    if found is None:
+        if not _HAS_EXT:
+            found = False
+        elif device_type == "meta":  # the register_fake kernels below serve meta tensors
+            found = True
+        else:
+            key = _DEVICE_KEYS.get(device_type)
+            found = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pymerge::{name}", key)
+        _KERNEL_CACHE[(name, device_type)] = found
+    return found
 
 
 def _use_kernel(name: str, t: torch.Tensor) -> bool:
@@ -138,9 +144,10 @@ def _fake_like(t: torch.Tensor) -> torch.Tensor:
 # weighted_sum
 # ----------------------------------------------------------------------------------------------
 def weighted_sum_reference(tensors, weights, base=None):
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     if base is not None:
-        acc += base.float()
+        acc = base.float().clone()  # starts at base (not 0 + base): keeps the sign of a -0.0 base, as the kernels do
+    else:
+        acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     for w, t in zip(weights, tensors):
         acc += float(w) * t.float()
     return acc.to(tensors[0].dtype)
@@ -389,6 +396,11 @@ if _HAS_EXT:
     @torch.library.register_fake("pymerge::dare")
     def _dare_fake(task_vector, p, seed):
         return _fake_like(task_vector)
+
+# Resolve the kernel lookups now, so torch.compile (fullgraph) traces the wrappers without calling into them.
+for _name in ("weighted_sum", "fisher_merge", "dfmerge_combine", "ties_merge", "dare"):
+    for _dev in ("cpu", "cuda", "meta"):
+        _kernel_for(_name, _dev)
 
 # ----------------------------------------------------------------------------------------------
 # sq_grad_accumulate (owned by the Fisher engine)

@@ -396,3 +396,33 @@ def test_compiled_op_checks_its_arguments_too():
         torch.ops.pymerge.dare(x, 1.0, 0)
     with pytest.raises(RuntimeError, match=r"weighted_sum: tensors: at most 16"):
         torch.ops.pymerge.weighted_sum([x] * 17, [1.0] * 17, None)
+
+
+def test_wrappers_compile_with_fullgraph():
+    ps = [torch.randn(33) for _ in range(2)]
+    fs = [torch.rand(33) for _ in range(2)]
+    compiled = torch.compile(lambda a, b, c, d: ops.fisher_merge([a * 2, b], [c, d], fallback="average") + 1,
+                             fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*ps, *fs), ops.fisher_merge([ps[0] * 2, ps[1]], fs, fallback="average") + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conversions_are_exact_for_every_bit_pattern(dtype):
+    # The CPU kernels convert fp16 / bf16 <-> fp32 with their own branch-free code (so the loops vectorise):
+    # every one of the 65536 values must round-trip (NaN stays NaN), and fp32 results must round to nearest
+    # even exactly as torch does, including overflow to inf and subnormal results.
+    allbits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+    def same_bits(got, want):
+        assert torch.equal(got.isnan(), want.isnan())
+        fin = ~want.isnan()
+        assert torch.equal(got[fin].view(torch.int16), want[fin].view(torch.int16))
+
+    same_bits(ops.weighted_sum([allbits], [1.0]), ops.weighted_sum_reference([allbits], [1.0]))
+    same_bits(ops.weighted_sum([allbits], [1.0], allbits), ops.weighted_sum_reference([allbits], [1.0], allbits))
+    ok = ~allbits.isnan()
+    gen = torch.Generator().manual_seed(5)
+    a = allbits[ok][torch.randperm(int(ok.sum()), generator=gen)]
+    b = allbits[ok][torch.randperm(int(ok.sum()), generator=gen)]
+    for w in (1.0, 0.3, 1e-3, 7.0):
+        same_bits(ops.weighted_sum([a, b], [w, 1.0]), ops.weighted_sum_reference([a, b], [w, 1.0]))

@@ -258,20 +258,56 @@ at::Tensor dfmerge_combine_cpu(const at::Tensor& pretrained, at::TensorList task
 }
 
 // ---- ties_merge: trim (selection), elect sign, disjoint mean ---------------------------------------
-// The k-th largest |τ| of one tensor, by std::nth_element (O(n) selection, not a sort) over an fp32 copy of
-// the magnitudes. NaN magnitudes count as +inf.
+// Magnitude as an ordered key: the bits of |x| (non-negative floats order like their bit patterns); NaN -> +inf.
 template <typename P>
-float kth_largest_magnitude(const P* t, int64_t n, int64_t k, std::vector<float>& buf) {
-  buf.resize(n);
-  float* bp = buf.data();
-  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t e = lo; e < hi; ++e) {
-      const float a = std::fabs(to_f(t[e]));
-      bp[e] = std::isnan(a) ? std::numeric_limits<float>::infinity() : a;
+inline uint32_t magnitude_key(P x) {
+  const uint32_t u = f_bits(to_f(x)) & 0x7fffffffu;
+  return u > 0x7f800000u ? 0x7f800000u : u;
+}
+
+// The k-th largest |t| by a two-pass radix select (O(n) selection, not a sort, and no copy of the tensor):
+// histogram the keys' high 16 bits, find the bin holding the k-th largest, then histogram the low 16 bits of
+// the keys in that bin. Chunks of the tensor count into their own histograms in parallel.
+template <typename P>
+float kth_largest_magnitude(const P* t, int64_t n, int64_t k) {
+  constexpr int64_t kBins = int64_t{1} << 16;
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
+  chunks = std::max<int64_t>(chunks, (n >> 31) + 1);  // uint32 counts per chunk
+  std::vector<uint32_t> hist(static_cast<size_t>(chunks * kBins));
+  auto count = [&](bool low_pass, uint32_t high) {
+    std::fill(hist.begin(), hist.end(), 0u);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        uint32_t* h = hist.data() + c * kBins;
+        const int64_t lo = n / chunks * c + std::min(c, n % chunks);
+        const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
+        if (!low_pass) {
+          for (int64_t e = lo; e < hi; ++e) ++h[magnitude_key(t[e]) >> 16];
+        } else {
+          for (int64_t e = lo; e < hi; ++e) {
+            const uint32_t key = magnitude_key(t[e]);
+            if ((key >> 16) == high) ++h[key & 0xffffu];
+          }
+        }
+      }
+    });
+  };
+  // Walks the bins from the top; returns the bin holding the k-th largest and leaves k as its rank inside it.
+  auto find = [&](int64_t& kk) -> uint32_t {
+    for (int64_t b = kBins - 1; b >= 0; --b) {
+      int64_t cnt = 0;
+      for (int64_t c = 0; c < chunks; ++c) cnt += hist[c * kBins + b];
+      if (cnt >= kk) return static_cast<uint32_t>(b);
+      kk -= cnt;
     }
-  });
-  std::nth_element(buf.begin(), buf.begin() + (n - k), buf.end());
-  return buf[n - k];
+    return 0;
+  };
+  int64_t kk = k;
+  count(false, 0);
+  const uint32_t high = find(kk);
+  count(true, high);
+  const uint32_t low = find(kk);
+  return bits_f((high << 16) | low);
 }
 
 at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
@@ -290,12 +326,8 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
   const float flam = static_cast<float>(lam);
   dispatch_p(pre.scalar_type(), op, [&]<typename P, typename>() {
     const auto tp = data_ptrs<P>(ts);
-    // Thresholds: models in parallel, one magnitude buffer per worker (each selection itself is serial).
     float thr[kMaxModels];
-    at::parallel_for(0, m, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> buf;
-      for (int64_t i = lo; i < hi; ++i) thr[i] = kth_largest_magnitude(tp[i], n, k, buf);
-    });
+    for (int i = 0; i < m; ++i) thr[i] = kth_largest_magnitude(tp[i], n, k);
     const P* prep = pre.data_ptr<P>();
     P* o = out.data_ptr<P>();
     // Elect and disjoint-merge in blocks, model by model (vectorised), as ties_disjoint_mean does per element.

@@ -37,11 +37,13 @@ PYMERGE_HD float dfmerge_finish(float pre, float num, float den, float plain, fl
 // Trim: keep τ where |τ| >= threshold (the k-th largest magnitude; NaN magnitudes count as +inf).
 PYMERGE_HD float ties_trim(float t, float threshold) {
   float a = t < 0.f ? -t : t;
-  return (a >= threshold || a != a) ? t : 0.f;
+  return ((a >= threshold) | (a != a)) ? t : 0.f;  // bitwise | and & here: no branches, so loops vectorise
 }
 
 // Whether a trimmed value t takes part in the disjoint mean: non-zero with the elected sign s = sign(total).
-PYMERGE_HD bool ties_agrees(float total, float t) { return (total > 0.f && t > 0.f) || (total < 0.f && t < 0.f); }
+PYMERGE_HD bool ties_agrees(float total, float t) {
+  return ((total > 0.f) & (t > 0.f)) | ((total < 0.f) & (t < 0.f));
+}
 
 // The disjoint mean from the sum and count of the agreeing values; 0 where none agrees (also where s = 0).
 PYMERGE_HD float ties_mean(float acc, float cnt) {
