@@ -4,6 +4,10 @@
 // elements with fp32 accumulators on the stack: models in the outer loop, elements in the inner loop, so the
 // inner loops are plain streams that the compiler vectorises (#pragma omp simd), and the block stays in L1
 // while the M inputs stream past. at::parallel_for splits the tensor into large chunks of blocks.
+// No FP traps are ever enabled here; without this, GCC will not turn the fallback selects into vector blends.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,30 +18,53 @@
 #include <limits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "pymerge/merge_math.h"
 #include "pymerge/op_checks.h"
 
 namespace pymerge {
 namespace {
 
-constexpr int64_t kBlock = 1024;      // elements per block: 3 fp32 accumulators = 12 KiB, well inside L1
+constexpr int64_t kBlock = 4096;      // 16 KiB per fp32 stream per block: long runs for the prefetchers
 constexpr int64_t kGrain = 1 << 16;   // elements per parallel task
 
-// fp32 views of the storage types; bf16 -> fp32 is a shift, written out so the loops vectorise.
+// fp32 views of the storage types and back, written branch-free (selects only) so the block loops vectorise;
+// c10's own conversions branch on NaN / subnormals, which stops the vectoriser. Both round to nearest even.
+inline uint32_t f_bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+inline float bits_f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+
 inline float to_f(float x) { return x; }
-inline float to_f(c10::Half x) { return static_cast<float>(x); }
-inline float to_f(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+inline float to_f(c10::BFloat16 x) { return bits_f(static_cast<uint32_t>(x.x) << 16); }
+inline float to_f(c10::Half x) {
+  // After F. Giesen's half_to_float: rebias the exponent; Inf / NaN and subnormals are fixed up by selects.
+  const uint32_t h = x.x;
+  const uint32_t shifted = (h & 0x7fffu) << 13;
+  const uint32_t exp = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + 0x38000000u;                                        // (127 - 15) << 23
+  const uint32_t infnan = normal + 0x38000000u;                                         // exponent all ones
+  const uint32_t sub = f_bits(bits_f(normal + 0x00800000u) - bits_f(0x38800000u));     // renormalise
+  const uint32_t mag = exp == 0x0f800000u ? infnan : (exp == 0 ? sub : normal);
+  return bits_f(mag | ((h & 0x8000u) << 16));
 }
-template <typename T>
-inline T from_f(float x) { return static_cast<T>(x); }
+
+template <typename T> inline T from_f(float x);
+template <> inline float from_f<float>(float x) { return x; }
+template <> inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
+  const uint32_t u = f_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+template <> inline c10::Half from_f<c10::Half>(float x) {
+  // After F. Giesen's float_to_half_fast3_rtne, with its branches turned into selects.
+  const uint32_t u = f_bits(x);
+  const uint32_t sign = (u & 0x80000000u) >> 16;
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;                              // NaN / overflow -> Inf
+  const float denorm_magic = bits_f(((127 - 15) + (23 - 10) + 1) << 23);
+  const uint32_t sub = f_bits(bits_f(a) + denorm_magic) - f_bits(denorm_magic);         // subnormal or zero
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;                    // rebias + round
+  const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
+  return c10::Half(static_cast<uint16_t>(h | sign), c10::Half::from_bits());
+}
 
 // Calls f.template operator()<P, F>() for the params dtype P and the Fisher dtype F (P itself or float).
 template <typename Fn>
@@ -68,18 +95,8 @@ std::vector<const T*> data_ptrs(const std::vector<at::Tensor>& ts) {
   return out;
 }
 
-// The output is written once, in full, right away. For large outputs ask Linux for transparent huge pages
-// first: a fresh buffer's first-touch page faults otherwise cost more than the merge itself (4 KiB pages).
 at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + out.nbytes();
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
-  if (hi > lo && hi - lo >= 2 * kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint only
-#endif
-  return out;
+  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 // Runs body(begin, len) over [0, n) in blocks of at most kBlock elements, chunks of blocks in parallel.
@@ -241,20 +258,56 @@ at::Tensor dfmerge_combine_cpu(const at::Tensor& pretrained, at::TensorList task
 }
 
 // ---- ties_merge: trim (selection), elect sign, disjoint mean ---------------------------------------
-// The k-th largest |τ| of one tensor, by std::nth_element (O(n) selection, not a sort) over an fp32 copy of
-// the magnitudes (one n-float buffer, reused for every model). NaN magnitudes count as +inf.
+// Magnitude as an ordered key: the bits of |x| (non-negative floats order like their bit patterns); NaN -> +inf.
 template <typename P>
-float kth_largest_magnitude(const P* t, int64_t n, int64_t k, std::vector<float>& buf) {
-  buf.resize(n);
-  float* bp = buf.data();
-  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t e = lo; e < hi; ++e) {
-      const float a = std::fabs(to_f(t[e]));
-      bp[e] = std::isnan(a) ? std::numeric_limits<float>::infinity() : a;
+inline uint32_t magnitude_key(P x) {
+  const uint32_t u = f_bits(to_f(x)) & 0x7fffffffu;
+  return u > 0x7f800000u ? 0x7f800000u : u;
+}
+
+// The k-th largest |t| by a two-pass radix select (O(n) selection, not a sort, and no copy of the tensor):
+// histogram the keys' high 16 bits, find the bin holding the k-th largest, then histogram the low 16 bits of
+// the keys in that bin. Chunks of the tensor count into their own histograms in parallel.
+template <typename P>
+float kth_largest_magnitude(const P* t, int64_t n, int64_t k) {
+  constexpr int64_t kBins = int64_t{1} << 16;
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
+  chunks = std::max<int64_t>(chunks, (n >> 31) + 1);  // uint32 counts per chunk
+  std::vector<uint32_t> hist(static_cast<size_t>(chunks * kBins));
+  auto count = [&](bool low_pass, uint32_t high) {
+    std::fill(hist.begin(), hist.end(), 0u);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        uint32_t* h = hist.data() + c * kBins;
+        const int64_t lo = n / chunks * c + std::min(c, n % chunks);
+        const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
+        if (!low_pass) {
+          for (int64_t e = lo; e < hi; ++e) ++h[magnitude_key(t[e]) >> 16];
+        } else {
+          for (int64_t e = lo; e < hi; ++e) {
+            const uint32_t key = magnitude_key(t[e]);
+            if ((key >> 16) == high) ++h[key & 0xffffu];
+          }
+        }
+      }
+    });
+  };
+  // Walks the bins from the top; returns the bin holding the k-th largest and leaves k as its rank inside it.
+  auto find = [&](int64_t& kk) -> uint32_t {
+    for (int64_t b = kBins - 1; b >= 0; --b) {
+      int64_t cnt = 0;
+      for (int64_t c = 0; c < chunks; ++c) cnt += hist[c * kBins + b];
+      if (cnt >= kk) return static_cast<uint32_t>(b);
+      kk -= cnt;
     }
-  });
-  std::nth_element(buf.begin(), buf.begin() + (n - k), buf.end());
-  return buf[n - k];
+    return 0;
+  };
+  int64_t kk = k;
+  count(false, 0);
+  const uint32_t high = find(kk);
+  count(true, high);
+  const uint32_t low = find(kk);
+  return bits_f((high << 16) | low);
 }
 
 at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
@@ -274,16 +327,34 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
   dispatch_p(pre.scalar_type(), op, [&]<typename P, typename>() {
     const auto tp = data_ptrs<P>(ts);
     float thr[kMaxModels];
-    std::vector<float> buf;
-    for (int i = 0; i < m; ++i) thr[i] = kth_largest_magnitude(tp[i], n, k, buf);
+    for (int i = 0; i < m; ++i) thr[i] = kth_largest_magnitude(tp[i], n, k);
     const P* prep = pre.data_ptr<P>();
     P* o = out.data_ptr<P>();
-    at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-      float trimmed[kMaxModels];
-      for (int64_t e = lo; e < hi; ++e) {
-        for (int i = 0; i < m; ++i) trimmed[i] = ties_trim(to_f(tp[i][e]), thr[i]);
-        o[e] = from_f<P>(to_f(prep[e]) + flam * ties_disjoint_mean(trimmed, m));
+    // Elect and disjoint-merge in blocks, model by model (vectorised), as ties_disjoint_mean does per element.
+    for_blocks(n, [&](int64_t b0, int64_t len) {
+      alignas(64) float total[kBlock], acc[kBlock], cnt[kBlock];
+      std::fill(total, total + len, 0.f);
+      for (int i = 0; i < m; ++i) {
+        const P* t = tp[i] + b0;
+        const float th = thr[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) total[e] += ties_trim(to_f(t[e]), th);
       }
+      std::fill(acc, acc + len, 0.f);
+      std::fill(cnt, cnt + len, 0.f);
+      for (int i = 0; i < m; ++i) {
+        const P* t = tp[i] + b0;
+        const float th = thr[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) {
+          const float v = ties_trim(to_f(t[e]), th);
+          const bool agree = ties_agrees(total[e], v);
+          acc[e] += agree ? v : 0.f;
+          cnt[e] += agree ? 1.f : 0.f;
+        }
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) o[b0 + e] = from_f<P>(to_f(prep[b0 + e]) + flam * ties_mean(acc[e], cnt[e]));
     });
   });
   return out;

@@ -18,14 +18,19 @@ constexpr int kMaxModels = 16;
 // ---- fallback modes of fisher_merge ------------------------------------------------------------
 enum class Fallback : int { Target = 0, Average = 1 };
 
-// θ* = num / den where den = Σ λ_i F_i > eps, else the fallback value.
+// θ* = num / den where den = Σ λ_i F_i > eps, else the fallback value. Written as selects around a division
+// that cannot trap (den replaced by 1 where unused), so compilers vectorise it.
 PYMERGE_HD float fisher_finish(float num, float den, float eps, float fallback_value) {
-  return den > eps ? num / den : fallback_value;
+  const bool use = den > eps;
+  const float q = num / (use ? den : 1.f);
+  return use ? q : fallback_value;
 }
 
 // DF-Merge eq. 8 per element: θ_pre + M num / den where den = Σ F_i > eps, else θ_pre + Σ λ_i τ_i.
 PYMERGE_HD float dfmerge_finish(float pre, float num, float den, float plain, float m, float eps) {
-  return pre + (den > eps ? m * num / den : plain);
+  const bool use = den > eps;
+  const float q = m * num / (use ? den : 1.f);
+  return pre + (use ? q : plain);
 }
 
 // ---- TIES --------------------------------------------------------------------------------------
@@ -35,19 +40,28 @@ PYMERGE_HD float ties_trim(float t, float threshold) {
   return (a >= threshold || a != a) ? t : 0.f;
 }
 
+// Whether a trimmed value t takes part in the disjoint mean: non-zero with the elected sign s = sign(total).
+PYMERGE_HD bool ties_agrees(float total, float t) { return (total > 0.f && t > 0.f) || (total < 0.f && t < 0.f); }
+
+// The disjoint mean from the sum and count of the agreeing values; 0 where none agrees (also where s = 0).
+PYMERGE_HD float ties_mean(float acc, float cnt) {
+  const bool any = cnt > 0.f;
+  const float q = acc / (any ? cnt : 1.f);
+  return any ? q : 0.f;
+}
+
 // Disjoint mean of the trimmed values over the models that agree with the elected sign s = sign(Σ trimmed).
-// trimmed[i] for i < m; returns 0 where no model agrees (also where s = 0).
+// trimmed[i] for i < m (the CPU kernel does the same in blocks, model by model).
 PYMERGE_HD float ties_disjoint_mean(const float* trimmed, int m) {
   float total = 0.f;
   for (int i = 0; i < m; ++i) total += trimmed[i];
   float acc = 0.f, cnt = 0.f;
   for (int i = 0; i < m; ++i) {
-    const float t = trimmed[i];
-    const bool agree = (total > 0.f && t > 0.f) || (total < 0.f && t < 0.f);
-    acc += agree ? t : 0.f;
+    const bool agree = ties_agrees(total, trimmed[i]);
+    acc += agree ? trimmed[i] : 0.f;
     cnt += agree ? 1.f : 0.f;
   }
-  return cnt > 0.f ? acc / cnt : 0.f;
+  return ties_mean(acc, cnt);
 }
 
 // ---- DARE: counter-based RNG -------------------------------------------------------------------
