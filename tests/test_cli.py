@@ -94,3 +94,25 @@ def test_fisher_subcommand_is_lazy(capsys):
         with pytest.raises(SystemExit) as exc:
             main(["fisher", "--help"])
         assert exc.value.code == 0 and "--data" in capsys.readouterr().out
+
+
+def test_demo_still_runs(capsys):
+    assert main(["demo"]) == 0
+    assert "pymerge demo" in capsys.readouterr().out
+
+
+def test_merge_command_allow_pickle(zoo, tmp_path, capsys):
+    import shutil
+
+    pick = tmp_path / "pickled"
+    pick.mkdir()
+    shutil.copy(zoo["rte"] / "config.json", pick / "config.json")
+    torch.save(em.load_dir(zoo["rte"]), pick / "pytorch_model.bin")
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: average\nmodels: [{zoo['sst']}, {pick}]\n")
+    assert main(["merge", str(cfg), "-o", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert "pickle" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["merge", str(cfg), "-o", str(tmp_path / "o"), "--no-progress", "--allow-pickle"]) == 0
+    a, b, got = em.load_dir(zoo["sst"]), em.load_dir(zoo["rte"]), em.load_dir(tmp_path / "o")
+    k = "bert.embeddings.word_embeddings.weight"
+    torch.testing.assert_close(got[k], (a[k] + b[k]) / 2)
