@@ -435,3 +435,9 @@ def test_bad_input():
         estimate_masks(model, batches, samples=3)
     for p in model.parameters():  # errors also restore the model
         assert p.requires_grad and p.grad is None
+
+
+def test_weights_fingerprint_of_a_tensor_over_2_pow_24_elements():
+    # BERT-base's word embedding (30522 x 768) has more elements than float32 counts exactly.
+    big = {"w": torch.zeros(30522 * 768)}
+    assert len(store.weights_fingerprint(big)) == 16
