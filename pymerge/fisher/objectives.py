@@ -1,0 +1,175 @@
+"""What the Fisher is the Fisher of: per model kind, the normalised log-probabilities of the outcomes.
+
+Every objective maps (model, batch) to `Outcomes`: log p(y | x_n) as log_probs [N, F, C] over C outcomes for F
+independent factors per example (F = 1 for a class or an answer choice; F = tokens for causal-LM token
+prediction, whose sequence log-likelihood is the sum over its unpadded tokens), a mask [N, F] of factors that
+count, and the observed labels [N, F] (for the empirical Fisher; -100 = ignore).
+
+Batch formats (dicts of tensors, as HF models take them):
+- sequence classification: input_ids [N, T], attention_mask [N, T], (token_type_ids), labels [N].
+- causal-LM tokens: input_ids [N, T], attention_mask [N, T], optional labels [N, T] (-100 = not scored;
+  default: the input ids). Each token is predicted from its prefix.
+- multiple choice, causal LM: input_ids [N, C, T] (context + answer c, padded), attention_mask [N, C, T],
+  choice_mask [N, C, T] (1 on the answer tokens that are scored), labels [N] (index of the right answer).
+- multiple choice, encoder-decoder (T5): input_ids [N, T], attention_mask [N, T] (the question, encoded once),
+  choice_ids [N, C, L] (answer tokens, padded with pad_token_id or -100), choice_attention_mask [N, C, L], labels [N].
+An answer's score is the sum of its token log-likelihoods (mean with length_normalize=True, as DF-Merge),
+and p(c | x) = softmax over the C scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Outcomes:
+    log_probs: torch.Tensor  # [N, F, C], normalised over C
+    mask: torch.Tensor  # [N, F] float: 1 where the factor counts
+    labels: Optional[torch.Tensor]  # [N, F] long, -100 = ignore
+
+
+Batch = Dict[str, torch.Tensor]
+SetRows = Callable[[int], None]  # tells the layer hooks how many rows the next forward has
+
+
+def _labels_2d(batch: Batch, n: int) -> Optional[torch.Tensor]:
+    labels = batch.get("labels")
+    if labels is None:
+        return None
+    return labels.reshape(n, -1).long()
+
+
+def _model_inputs(batch: Batch, drop=("labels",)) -> Batch:
+    return {k: v for k, v in batch.items() if k not in drop}
+
+
+def sequence_classification(model: nn.Module, batch: Batch, set_rows: SetRows, length_normalize=False) -> Outcomes:
+    n = batch["input_ids"].shape[0]
+    set_rows(n)
+    logits = model(**_model_inputs(batch)).logits.float()
+    if logits.dim() != 2:
+        raise ValueError(f"sequence classification: expected logits [N, C], got {tuple(logits.shape)}")
+    lp = logits.log_softmax(-1).unsqueeze(1)
+    return Outcomes(lp, torch.ones(n, 1, device=lp.device), _labels_2d(batch, n))
+
+
+def _token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[t] | prefix) for logits predicting position t + 1: [B, T-1]."""
+    lp = logits[:, :-1].float().log_softmax(-1)
+    return lp.gather(-1, targets[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def causal_lm_tokens(model: nn.Module, batch: Batch, set_rows: SetRows, length_normalize=False) -> Outcomes:
+    ids = batch["input_ids"]
+    n = ids.shape[0]
+    am = batch.get("attention_mask", torch.ones_like(ids))
+    set_rows(n)
+    logits = model(input_ids=ids, attention_mask=am).logits
+    lp = logits[:, :-1].float().log_softmax(-1)  # position t predicts token t + 1
+    targets = batch.get("labels", ids)[:, 1:].long()
+    mask = (am[:, 1:] > 0) & (am[:, :-1] > 0) & (targets != -100)
+    labels = targets.masked_fill(~mask, -100)
+    return Outcomes(lp, mask.float(), labels)
+
+
+def _choice_outcomes(token_lp: torch.Tensor, scored: torch.Tensor, n: int, c: int, length_normalize: bool,
+                     labels: Optional[torch.Tensor]) -> Outcomes:
+    scored = scored.float()
+    score = (token_lp * scored).sum(-1)
+    if length_normalize:
+        score = score / scored.sum(-1).clamp(min=1)
+    lp = score.reshape(n, c).log_softmax(-1).unsqueeze(1)
+    return Outcomes(lp, torch.ones(n, 1, device=lp.device), None if labels is None else labels.reshape(n, 1).long())
+
+
+def multiple_choice_causal(model: nn.Module, batch: Batch, set_rows: SetRows, length_normalize=False) -> Outcomes:
+    ids = batch["input_ids"]
+    n, c, t = ids.shape
+    am = batch.get("attention_mask", torch.ones_like(ids)).reshape(n * c, t)
+    set_rows(n * c)
+    flat = ids.reshape(n * c, t)
+    logits = model(input_ids=flat, attention_mask=am).logits
+    token_lp = _token_log_probs(logits, flat)
+    scored = batch["choice_mask"].reshape(n * c, t)[:, 1:] * am[:, 1:]
+    return _choice_outcomes(token_lp, scored, n, c, length_normalize, batch.get("labels"))
+
+
+def multiple_choice_seq2seq(model: nn.Module, batch: Batch, set_rows: SetRows, length_normalize=False) -> Outcomes:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    ids, choices = batch["input_ids"], batch["choice_ids"]
+    n, c, length = choices.shape
+    am = batch.get("attention_mask", torch.ones_like(ids))
+    set_rows(n)
+    encoded = model.get_encoder()(input_ids=ids, attention_mask=am).last_hidden_state
+    # The encoder ran once per example; each example's C answers reuse it (gradients add up through the repeat).
+    set_rows(n * c)
+    flat = choices.reshape(n * c, length).long()
+    pad = model.config.pad_token_id
+    targets = flat.masked_fill(flat == -100, pad)
+    out = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.repeat_interleave(c, 0)),
+                attention_mask=am.repeat_interleave(c, 0), decoder_input_ids=model._shift_right(targets))
+    token_lp = out.logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    cam = batch.get("choice_attention_mask")
+    scored = (flat != -100) if cam is None else (cam.reshape(n * c, length) > 0) & (flat != -100)
+    return _choice_outcomes(token_lp, scored, n, c, length_normalize, batch.get("labels"))
+
+
+def custom(log_prob_fn) -> Callable:
+    """Wraps a user function (model, batch) -> log-probs [N, C] or [N, F, C] (or a tuple (log_probs, mask))."""
+
+    def objective(model, batch, set_rows, length_normalize=False):
+        if "input_ids" in batch:
+            set_rows(batch["input_ids"].shape[0])
+        out = log_prob_fn(model, batch)
+        lp, mask = out if isinstance(out, tuple) else (out, None)
+        if not isinstance(lp, torch.Tensor) or lp.dim() not in (2, 3):
+            raise ValueError("log_prob_fn: expected log-probabilities [N, C] or [N, F, C]")
+        lp = lp.float() if lp.dim() == 3 else lp.float().unsqueeze(1)
+        if (lp.detach().logsumexp(-1).abs() > 1e-3).any():
+            raise ValueError("log_prob_fn: the log-probabilities are not normalised over the last dimension "
+                             "(return log_softmax(logits), not logits)")
+        n = lp.shape[0]
+        mask = torch.ones(lp.shape[:2], device=lp.device) if mask is None else mask.float().reshape(lp.shape[:2])
+        return Outcomes(lp, mask, _labels_2d(batch, n))
+
+    return objective
+
+
+KINDS = {
+    "sequence_classification": sequence_classification,
+    "causal_lm": causal_lm_tokens,
+    "multiple_choice": None,  # resolved per batch format below
+}
+
+
+def resolve(model: nn.Module, batch: Batch, kind: str = "auto", log_prob_fn=None):
+    """(kind name, objective function) for this model and batch."""
+    if log_prob_fn is not None:
+        return "custom", custom(log_prob_fn)
+    if "input_ids" not in batch:
+        raise ValueError(f"batch: expected an 'input_ids' tensor (keys: {sorted(batch)}); "
+                         "or pass log_prob_fn for other inputs")
+    if kind in ("auto", "multiple_choice"):
+        if "choice_ids" in batch:
+            return "multiple_choice_seq2seq", multiple_choice_seq2seq
+        if batch["input_ids"].dim() == 3:
+            if "choice_mask" not in batch:
+                raise ValueError("batch: multiple choice input_ids [N, C, T] need a 'choice_mask' [N, C, T] "
+                                 "marking the answer tokens")
+            return "multiple_choice_causal", multiple_choice_causal
+        if kind == "multiple_choice":
+            raise ValueError("batch: multiple choice needs input_ids [N, C, T] + choice_mask (causal LM) or "
+                             "choice_ids [N, C, L] (encoder-decoder)")
+    cls = type(model).__name__
+    if kind == "sequence_classification" or (kind == "auto" and cls.endswith("ForSequenceClassification")):
+        return "sequence_classification", sequence_classification
+    if kind == "causal_lm" or (kind == "auto" and (cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"))):
+        return "causal_lm", causal_lm_tokens
+    raise ValueError(f"cannot tell what to estimate the Fisher of for {cls}: pass kind='sequence_classification' "
+                     "| 'causal_lm' | 'multiple_choice', or log_prob_fn=(model, batch) -> log-probs [N, C]")

@@ -1,0 +1,50 @@
+"""Under torch.distributed (gloo, 2 CPU processes) estimate() shards batches and all-reduces: same Fisher as 1."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fisher_models as fm
+import pymerge.fisher as pf
+
+MODES = ("exact", "sampled")
+
+
+def _batches():
+    out = []
+    for i, lengths in enumerate([[5, 3], [4, 6, 2], [6], [3, 3]]):  # 4 batches of uneven sizes
+        ids, mask = fm.padded_ids(lengths, 6, seed=i)
+        out.append(dict(input_ids=ids, attention_mask=mask, labels=torch.arange(len(lengths)) % 3))
+    return out
+
+
+def _worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = fm.bert()
+        for mode in MODES:
+            fisher = pf.estimate(model, _batches(), mode=mode, num_samples=2)
+            if rank == 0:
+                pf.save(os.path.join(out_dir, f"{mode}.safetensors"), fisher)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_one_process_fisher(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = fm.bert()
+    for mode in MODES:
+        one = pf.estimate(model, _batches(), mode=mode, num_samples=2)
+        two = pf.load(tmp_path / f"{mode}.safetensors")
+        assert two.metadata["num_examples"] == one.metadata["num_examples"] == "8"
+        for k in one.keys():
+            torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-12)
