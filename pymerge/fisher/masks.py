@@ -310,15 +310,19 @@ def estimate_masks(
     structure: Optional[MaskStructure] = None,
     neuron_site: str = "activation",
     exact_backwards: str = "auto",
+    mask_mode: Optional[str] = None,
     **unused,
 ) -> Union[Fisher, Tuple[Fisher, MaskFisher]]:
     """Mask Fisher of every attention head and FFN neuron, mapped onto a full per-parameter Fisher.
 
     batches: dicts as HF models take (input_ids, attention_mask, ..., labels). mode: "empirical" (true labels)
     or "exact" (expectation over all classes). mapping: see MaskMapping ("paper" by default). The other arguments
-    are those of `estimate_mask_fisher`. Returns the Fisher (metadata mode="masks"), and the compact MaskFisher
-    too with return_mask_fisher=True.
+    are those of `estimate_mask_fisher`. mask_mode: overrides mode, for `pymerge.fisher.estimate(model, batches,
+    mode="masks", mask_mode="exact")`, which hands its other keyword arguments on. Returns the Fisher (metadata
+    mode="masks"), and the compact MaskFisher too with return_mask_fisher=True.
     """
+    if mask_mode is not None:
+        mode = mask_mode
     if unused:
         raise TypeError(f"estimate_masks: unexpected arguments {sorted(unused)}")
     if not isinstance(model, nn.Module):
