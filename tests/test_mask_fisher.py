@@ -435,3 +435,21 @@ def test_bad_input():
         estimate_masks(model, batches, samples=3)
     for p in model.parameters():  # errors also restore the model
         assert p.requires_grad and p.grad is None
+
+
+def test_weights_fingerprint_of_a_tensor_over_2_pow_24_elements():
+    # BERT-base's word embedding (30522 x 768) has more elements than float32 counts exactly.
+    big = {"w": torch.zeros(30522 * 768)}
+    assert len(store.weights_fingerprint(big)) == 16
+
+
+def test_estimate_mode_masks_delegates_here():
+    estimate = pytest.importorskip("pymerge.fisher.estimate").estimate
+    model = make_model("bert")
+    batches = make_batches("bert", sizes=((3, 6),))
+    for mode in ("empirical", "exact"):
+        via = estimate(model, batches, mode="masks", mask_mode=mode)
+        direct = estimate_masks(model, batches, mode=mode)
+        assert via.metadata["mask_mode"] == mode
+        for k in direct.keys():
+            assert torch.equal(via[k], direct[k]), k

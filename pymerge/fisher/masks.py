@@ -9,10 +9,9 @@ gradients, and nothing lands in `.grad`.
 
 Mask Fisher (eq. 4): I = (1/N) Σ_n E_y g_n(y)², E_y exact over classes (each class a pseudo-example weighted by
 p_c; off one forward, C - 1 backwards since the score has mean zero, one for binary tasks) or empirical (the
-true label, one backward). It is then mapped onto parameter
-blocks (paper's scheme by default: rows of Q and K of head h get the head's value, rows of the FFN-in projection
-get the neuron's, every other parameter F = 1), giving a full per-parameter `Fisher` that the merge engine reads
-like any other Fisher file.
+true label, one backward). It is then mapped onto parameter blocks (paper's scheme by default: rows of Q and K
+of head h get the head's value, rows of the FFN-in projection get the neuron's, every other parameter F = 1),
+giving a full per-parameter `Fisher` that the merge engine reads like any other Fisher file.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from pymerge.fisher.masks_structure import AttentionBlock, FFNBlock, MaskStructure, Projection, find_mask_structure
+from pymerge.fisher.masks_structure import MaskStructure, Projection, find_mask_structure
 from pymerge.fisher.store import FORMAT_VERSION, Fisher, structure_fingerprint, weights_fingerprint
 
 LogProbFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -310,15 +309,19 @@ def estimate_masks(
     structure: Optional[MaskStructure] = None,
     neuron_site: str = "activation",
     exact_backwards: str = "auto",
+    mask_mode: Optional[str] = None,
     **unused,
 ) -> Union[Fisher, Tuple[Fisher, MaskFisher]]:
     """Mask Fisher of every attention head and FFN neuron, mapped onto a full per-parameter Fisher.
 
     batches: dicts as HF models take (input_ids, attention_mask, ..., labels). mode: "empirical" (true labels)
     or "exact" (expectation over all classes). mapping: see MaskMapping ("paper" by default). The other arguments
-    are those of `estimate_mask_fisher`. Returns the Fisher (metadata mode="masks"), and the compact MaskFisher
-    too with return_mask_fisher=True.
+    are those of `estimate_mask_fisher`. mask_mode: overrides mode, for `pymerge.fisher.estimate(model, batches,
+    mode="masks", mask_mode="exact")`, which hands its other keyword arguments on. Returns the Fisher (metadata
+    mode="masks"), and the compact MaskFisher too with return_mask_fisher=True.
     """
+    if mask_mode is not None:
+        mode = mask_mode
     if unused:
         raise TypeError(f"estimate_masks: unexpected arguments {sorted(unused)}")
     if not isinstance(model, nn.Module):

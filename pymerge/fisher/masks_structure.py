@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
 
 # Conventional child names of the q/k/v projections of an attention module (separate Linear layers).
