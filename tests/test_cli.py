@@ -96,9 +96,6 @@ def test_fisher_subcommand_is_lazy(capsys):
         assert exc.value.code == 0 and "--data" in capsys.readouterr().out
 
 
-def test_demo_still_runs(capsys):
-    assert main(["demo"]) == 0
-    assert "pymerge demo" in capsys.readouterr().out
 
 
 def test_merge_command_allow_pickle(zoo, tmp_path, capsys):
