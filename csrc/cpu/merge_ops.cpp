@@ -1,42 +1,349 @@
 // CPU kernels of the fused merge ops. Each reads every input element once and writes the output once.
+//
+// The element-wise ops (weighted_sum, fisher_merge, dfmerge_combine) walk the tensors in blocks of kBlock
+// elements with fp32 accumulators on the stack: models in the outer loop, elements in the inner loop, so the
+// inner loops are plain streams that the compiler vectorises (#pragma omp simd), and the block stays in L1
+// while the M inputs stream past. at::parallel_for splits the tensor into large chunks of blocks.
+// No FP traps are ever enabled here; without this, GCC will not turn the fallback selects into vector blends.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
+
+#include "pymerge/merge_math.h"
+#include "pymerge/op_checks.h"
 
 namespace pymerge {
 namespace {
 
-std::vector<at::Tensor> contiguous_all(const at::TensorList& ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
+constexpr int64_t kBlock = 4096;      // 16 KiB per fp32 stream per block: long runs for the prefetchers
+constexpr int64_t kGrain = 1 << 16;   // elements per parallel task
+
+// fp32 views of the storage types and back, written branch-free (selects only) so the block loops vectorise;
+// c10's own conversions branch on NaN / subnormals, which stops the vectoriser. Both round to nearest even.
+inline uint32_t f_bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+inline float bits_f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) { return bits_f(static_cast<uint32_t>(x.x) << 16); }
+inline float to_f(c10::Half x) {
+  // After F. Giesen's half_to_float: rebias the exponent; Inf / NaN and subnormals are fixed up by selects.
+  const uint32_t h = x.x;
+  const uint32_t shifted = (h & 0x7fffu) << 13;
+  const uint32_t exp = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + 0x38000000u;                                        // (127 - 15) << 23
+  const uint32_t infnan = normal + 0x38000000u;                                         // exponent all ones
+  const uint32_t sub = f_bits(bits_f(normal + 0x00800000u) - bits_f(0x38800000u));     // renormalise
+  const uint32_t mag = exp == 0x0f800000u ? infnan : (exp == 0 ? sub : normal);
+  return bits_f(mag | ((h & 0x8000u) << 16));
+}
+
+template <typename T> inline T from_f(float x);
+template <> inline float from_f<float>(float x) { return x; }
+template <> inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
+  const uint32_t u = f_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+template <> inline c10::Half from_f<c10::Half>(float x) {
+  // After F. Giesen's float_to_half_fast3_rtne, with its branches turned into selects.
+  const uint32_t u = f_bits(x);
+  const uint32_t sign = (u & 0x80000000u) >> 16;
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;                              // NaN / overflow -> Inf
+  const float denorm_magic = bits_f(((127 - 15) + (23 - 10) + 1) << 23);
+  const uint32_t sub = f_bits(bits_f(a) + denorm_magic) - f_bits(denorm_magic);         // subnormal or zero
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;                    // rebias + round
+  const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
+  return c10::Half(static_cast<uint16_t>(h | sign), c10::Half::from_bits());
+}
+
+// Calls f.template operator()<P, F>() for the params dtype P and the Fisher dtype F (P itself or float).
+template <typename Fn>
+void dispatch_pf(at::ScalarType p, at::ScalarType f, const char* op, Fn&& fn) {
+  const bool f32 = f == at::kFloat;
+  switch (p) {
+    case at::kFloat: fn.template operator()<float, float>(); break;
+    case at::kHalf:
+      if (f32) fn.template operator()<c10::Half, float>(); else fn.template operator()<c10::Half, c10::Half>();
+      break;
+    case at::kBFloat16:
+      if (f32) fn.template operator()<c10::BFloat16, float>();
+      else fn.template operator()<c10::BFloat16, c10::BFloat16>();
+      break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", p);
+  }
+}
+
+template <typename Fn>
+void dispatch_p(at::ScalarType p, const char* op, Fn&& fn) {
+  dispatch_pf(p, p, op, std::forward<Fn>(fn));
+}
+
+template <typename T>
+std::vector<const T*> data_ptrs(const std::vector<at::Tensor>& ts) {
+  std::vector<const T*> out;
+  for (const auto& t : ts) out.push_back(t.data_ptr<T>());
   return out;
 }
 
-at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights,
-                            const c10::optional<at::Tensor>& base) {
-  TORCH_CHECK(!tensors.empty(), "weighted_sum: tensors must not be empty");
-  TORCH_CHECK(weights.size() == tensors.size(), "weighted_sum: expected one weight per tensor");
-  auto ins = contiguous_all(tensors);
-  at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
-  auto out = at::empty_like(ins[0], at::MemoryFormat::Contiguous);
-  const int64_t n = out.numel();
-  const int64_t m = static_cast<int64_t>(ins.size());
-  std::vector<float> w(weights.begin(), weights.end());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "weighted_sum_cpu", [&] {
-    std::vector<const scalar_t*> ptrs(m);
-    for (int64_t i = 0; i < m; ++i) ptrs[i] = ins[i].data_ptr<scalar_t>();
-    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 14, [&](int64_t lo, int64_t hi) {
-      for (int64_t e = lo; e < hi; ++e) {
-        float acc = bp ? static_cast<float>(bp[e]) : 0.f;
-        for (int64_t i = 0; i < m; ++i) acc += w[i] * static_cast<float>(ptrs[i][e]);
-        op[e] = static_cast<scalar_t>(acc);
+at::Tensor new_output(const at::Tensor& like) {
+  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// Runs body(begin, len) over [0, n) in blocks of at most kBlock elements, chunks of blocks in parallel.
+template <typename Body>
+void for_blocks(int64_t n, Body&& body) {
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; b += kBlock) body(b, std::min(kBlock, hi - b));
+  });
+}
+
+void check_cpu(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got ", t.device());
+}
+
+// ---- weighted_sum: base + Σ w_i t_i ---------------------------------------------------------------
+at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
+  constexpr const char* op = "weighted_sum";
+  check_list(op, "tensors", tensors);
+  check_count(op, "weights", weights.size(), tensors.size());
+  check_cpu(op, tensors[0]);
+  if (base.has_value()) check_list(op, "base", at::TensorList(*base), &tensors[0]);
+  const auto ins = contiguous_all(tensors);
+  const at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
+  at::Tensor out = new_output(ins[0]);
+  const int m = static_cast<int>(ins.size());
+  const std::vector<float> w(weights.begin(), weights.end());
+  dispatch_p(out.scalar_type(), op, [&]<typename P, typename>() {
+    const auto ptrs = data_ptrs<P>(ins);
+    const P* bp = b.defined() ? b.data_ptr<P>() : nullptr;
+    P* op_ = out.data_ptr<P>();
+    for_blocks(out.numel(), [&](int64_t b0, int64_t len) {
+      alignas(64) float acc[kBlock];
+      if (bp) {
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) acc[e] = to_f(bp[b0 + e]);
+      } else {
+        std::fill(acc, acc + len, 0.f);
       }
+      for (int i = 0; i < m; ++i) {
+        const P* x = ptrs[i] + b0;
+        const float wi = w[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) acc[e] += wi * to_f(x[e]);
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) op_[b0 + e] = from_f<P>(acc[e]);
+    });
+  });
+  return out;
+}
+
+// ---- fisher_merge: Σ λ_i F_i θ_i / Σ λ_i F_i with a zero-Fisher fallback ----------------------------
+at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+                            c10::string_view fallback) {
+  constexpr const char* op = "fisher_merge";
+  check_list(op, "params", params);
+  check_list(op, "fishers", fishers, &params[0], /*allow_fp32=*/true);
+  check_count(op, "fishers", fishers.size(), params.size());
+  check_count(op, "weights", weights.size(), params.size());
+  check_cpu(op, params[0]);
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const Fallback fb = parse_fallback(op, fallback);
+  const auto ps = contiguous_all(params);
+  const auto fs = contiguous_all(fishers);
+  at::Tensor out = new_output(ps[0]);
+  const int m = static_cast<int>(ps.size());
+  const std::vector<float> w(weights.begin(), weights.end());
+  double wsum_d = 0;
+  for (double x : weights) wsum_d += x;
+  const float wsum = static_cast<float>(wsum_d);
+  const float feps = static_cast<float>(eps);
+  dispatch_pf(ps[0].scalar_type(), fs[0].scalar_type(), op, [&]<typename P, typename F>() {
+    const auto pp = data_ptrs<P>(ps);
+    const auto fp = data_ptrs<F>(fs);
+    P* o = out.data_ptr<P>();
+    for_blocks(out.numel(), [&](int64_t b0, int64_t len) {
+      alignas(64) float num[kBlock], den[kBlock], wp[kBlock];
+      std::fill(num, num + len, 0.f);
+      std::fill(den, den + len, 0.f);
+      for (int i = 0; i < m; ++i) {
+        const P* x = pp[i] + b0;
+        const F* f = fp[i] + b0;
+        const float wi = w[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) {
+          const float wf = wi * to_f(f[e]);
+          num[e] += wf * to_f(x[e]);
+          den[e] += wf;
+        }
+      }
+      if (fb == Fallback::Target) {
+        const P* x0 = pp[0] + b0;  // re-read from cache: the block was just streamed
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) o[b0 + e] = from_f<P>(fisher_finish(num[e], den[e], feps, to_f(x0[e])));
+      } else {
+        std::fill(wp, wp + len, 0.f);
+        for (int i = 0; i < m; ++i) {
+          const P* x = pp[i] + b0;
+          const float wi = w[i];
+#pragma omp simd
+          for (int64_t e = 0; e < len; ++e) wp[e] += wi * to_f(x[e]);
+        }
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) o[b0 + e] = from_f<P>(fisher_finish(num[e], den[e], feps, wp[e] / wsum));
+      }
+    });
+  });
+  return out;
+}
+
+// ---- dfmerge_combine: θ_pre + M Σ F_i λ_i τ_i / Σ F_i, else θ_pre + Σ λ_i τ_i ------------------------
+at::Tensor dfmerge_combine_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, at::TensorList fishers,
+                               at::ArrayRef<double> lambdas, double eps) {
+  constexpr const char* op = "dfmerge_combine";
+  check_list(op, "pretrained", at::TensorList(pretrained));
+  check_list(op, "task_vectors", task_vectors, &pretrained);
+  check_list(op, "fishers", fishers, &pretrained, /*allow_fp32=*/true);
+  check_count(op, "fishers", fishers.size(), task_vectors.size());
+  check_count(op, "lambdas", lambdas.size(), task_vectors.size());
+  check_cpu(op, pretrained);
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const at::Tensor pre = pretrained.contiguous();
+  const auto ts = contiguous_all(task_vectors);
+  const auto fs = contiguous_all(fishers);
+  at::Tensor out = new_output(pre);
+  const int m = static_cast<int>(ts.size());
+  const float mf = static_cast<float>(m);
+  const std::vector<float> lam(lambdas.begin(), lambdas.end());
+  const float feps = static_cast<float>(eps);
+  dispatch_pf(pre.scalar_type(), fs[0].scalar_type(), op, [&]<typename P, typename F>() {
+    const auto tp = data_ptrs<P>(ts);
+    const auto fp = data_ptrs<F>(fs);
+    const P* prep = pre.data_ptr<P>();
+    P* o = out.data_ptr<P>();
+    for_blocks(out.numel(), [&](int64_t b0, int64_t len) {
+      alignas(64) float num[kBlock], den[kBlock], plain[kBlock];
+      std::fill(num, num + len, 0.f);
+      std::fill(den, den + len, 0.f);
+      std::fill(plain, plain + len, 0.f);
+      for (int i = 0; i < m; ++i) {
+        const P* t = tp[i] + b0;
+        const F* f = fp[i] + b0;
+        const float li = lam[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) {
+          const float lt = li * to_f(t[e]);
+          const float ff = to_f(f[e]);
+          num[e] += ff * lt;
+          den[e] += ff;
+          plain[e] += lt;
+        }
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e)
+        o[b0 + e] = from_f<P>(dfmerge_finish(to_f(prep[b0 + e]), num[e], den[e], plain[e], mf, feps));
+    });
+  });
+  return out;
+}
+
+// ---- ties_merge: trim (selection), elect sign, disjoint mean ---------------------------------------
+// The k-th largest |τ| of one tensor, by std::nth_element (O(n) selection, not a sort) over an fp32 copy of
+// the magnitudes. NaN magnitudes count as +inf.
+template <typename P>
+float kth_largest_magnitude(const P* t, int64_t n, int64_t k, std::vector<float>& buf) {
+  buf.resize(n);
+  float* bp = buf.data();
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) {
+      const float a = std::fabs(to_f(t[e]));
+      bp[e] = std::isnan(a) ? std::numeric_limits<float>::infinity() : a;
+    }
+  });
+  std::nth_element(buf.begin(), buf.begin() + (n - k), buf.end());
+  return buf[n - k];
+}
+
+at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
+  constexpr const char* op = "ties_merge";
+  check_list(op, "pretrained", at::TensorList(pretrained));
+  check_list(op, "task_vectors", task_vectors, &pretrained);
+  check_cpu(op, pretrained);
+  TORCH_CHECK(density > 0 && density <= 1, op, ": density must be in (0, 1], got ", density);
+  const at::Tensor pre = pretrained.contiguous();
+  const auto ts = contiguous_all(task_vectors);
+  at::Tensor out = new_output(pre);
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const int m = static_cast<int>(ts.size());
+  const int64_t k = ties_keep_count(n, density);
+  const float flam = static_cast<float>(lam);
+  dispatch_p(pre.scalar_type(), op, [&]<typename P, typename>() {
+    const auto tp = data_ptrs<P>(ts);
+    // Thresholds: models in parallel, one magnitude buffer per worker (each selection itself is serial).
+    float thr[kMaxModels];
+    at::parallel_for(0, m, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> buf;
+      for (int64_t i = lo; i < hi; ++i) thr[i] = kth_largest_magnitude(tp[i], n, k, buf);
+    });
+    const P* prep = pre.data_ptr<P>();
+    P* o = out.data_ptr<P>();
+    // Elect and disjoint-merge in blocks, model by model (vectorised), as ties_disjoint_mean does per element.
+    for_blocks(n, [&](int64_t b0, int64_t len) {
+      alignas(64) float total[kBlock], acc[kBlock], cnt[kBlock];
+      std::fill(total, total + len, 0.f);
+      for (int i = 0; i < m; ++i) {
+        const P* t = tp[i] + b0;
+        const float th = thr[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) total[e] += ties_trim(to_f(t[e]), th);
+      }
+      std::fill(acc, acc + len, 0.f);
+      std::fill(cnt, cnt + len, 0.f);
+      for (int i = 0; i < m; ++i) {
+        const P* t = tp[i] + b0;
+        const float th = thr[i];
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) {
+          const float v = ties_trim(to_f(t[e]), th);
+          const bool agree = ties_agrees(total[e], v);
+          acc[e] += agree ? v : 0.f;
+          cnt[e] += agree ? 1.f : 0.f;
+        }
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) o[b0 + e] = from_f<P>(to_f(prep[b0 + e]) + flam * ties_mean(acc[e], cnt[e]));
+    });
+  });
+  return out;
+}
+
+// ---- dare: drop with probability p (counter-based hash of (seed, index)), rescale by 1/(1-p) ----------
+at::Tensor dare_cpu(const at::Tensor& task_vector, double p, int64_t seed) {
+  constexpr const char* op = "dare";
+  check_list(op, "task_vector", at::TensorList(task_vector));
+  check_cpu(op, task_vector);
+  TORCH_CHECK(p >= 0 && p < 1, op, ": p must be in [0, 1), got ", p);
+  const at::Tensor t = task_vector.contiguous();
+  at::Tensor out = new_output(t);
+  const uint64_t key = dare_key(seed);
+  const uint32_t threshold = dare_threshold(p);
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  dispatch_p(t.scalar_type(), op, [&]<typename P, typename>() {
+    const P* x = t.data_ptr<P>();
+    P* o = out.data_ptr<P>();
+    at::parallel_for(0, out.numel(), kGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e) o[e] = from_f<P>(dare_apply(to_f(x[e]), key, e, threshold, scale));
     });
   });
   return out;
@@ -46,6 +353,10 @@ at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights
 
 TORCH_LIBRARY_IMPL(pymerge, CPU, m) {
   m.impl("weighted_sum", &weighted_sum_cpu);
+  m.impl("fisher_merge", &fisher_merge_cpu);
+  m.impl("dfmerge_combine", &dfmerge_combine_cpu);
+  m.impl("ties_merge", &ties_merge_cpu);
+  m.impl("dare", &dare_cpu);
 }
 
 }  // namespace pymerge

@@ -1,0 +1,197 @@
+// Torch glue of the CUDA merge ops: checks the tensors, packs raw pointers into the launcher structs of
+// pymerge/cuda_launchers.h and launches csrc/cuda/merge_kernels.cu on the current CUDA stream.
+// Built only in CUDA builds (csrc/SOURCES.txt [cuda]).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "pymerge/cuda_launchers.h"
+#include "pymerge/merge_math.h"
+#include "pymerge/op_checks.h"
+
+namespace pymerge {
+namespace {
+
+cuda::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::F32;
+    case at::kHalf: return cuda::DType::F16;
+    case at::kBFloat16: return cuda::DType::BF16;
+    default: TORCH_CHECK(false, "pymerge: unsupported dtype ", t.scalar_type());
+  }
+  return cuda::DType::F32;
+}
+
+void check_cuda(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got ", t.device());
+}
+
+at::Tensor new_output(const at::Tensor& like) {
+  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor weighted_sum_cuda(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
+  constexpr const char* op = "weighted_sum";
+  check_list(op, "tensors", tensors);
+  check_count(op, "weights", weights.size(), tensors.size());
+  check_cuda(op, tensors[0]);
+  if (base.has_value()) check_list(op, "base", at::TensorList(*base), &tensors[0]);
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  const auto ins = contiguous_all(tensors);
+  const at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
+  at::Tensor out = new_output(ins[0]);
+  cuda::WeightedSumArgs a{};
+  a.m = static_cast<int>(ins.size());
+  for (int i = 0; i < a.m; ++i) {
+    a.tensors[i] = ins[i].const_data_ptr();
+    a.weights[i] = static_cast<float>(weights[i]);
+  }
+  a.base = b.defined() ? b.const_data_ptr() : nullptr;
+  a.out = out.data_ptr();
+  a.n = out.numel();
+  a.dtype = dtype_of(out);
+  check_launch(op, cuda::launch_weighted_sum(a, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor fisher_merge_cuda(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+                             c10::string_view fallback) {
+  constexpr const char* op = "fisher_merge";
+  check_list(op, "params", params);
+  check_list(op, "fishers", fishers, &params[0], /*allow_fp32=*/true);
+  check_count(op, "fishers", fishers.size(), params.size());
+  check_count(op, "weights", weights.size(), params.size());
+  check_cuda(op, params[0]);
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto ps = contiguous_all(params);
+  const auto fs = contiguous_all(fishers);
+  at::Tensor out = new_output(ps[0]);
+  cuda::FisherMergeArgs a{};
+  a.m = static_cast<int>(ps.size());
+  double wsum = 0;
+  for (int i = 0; i < a.m; ++i) {
+    a.params[i] = ps[i].const_data_ptr();
+    a.fishers[i] = fs[i].const_data_ptr();
+    a.weights[i] = static_cast<float>(weights[i]);
+    wsum += weights[i];
+  }
+  a.out = out.data_ptr();
+  a.n = out.numel();
+  a.eps = static_cast<float>(eps);
+  a.weight_sum = static_cast<float>(wsum);
+  a.fallback = parse_fallback(op, fallback);
+  a.dtype = dtype_of(out);
+  a.fisher_dtype = dtype_of(fs[0]);
+  check_launch(op, cuda::launch_fisher_merge(a, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor dfmerge_combine_cuda(const at::Tensor& pretrained, at::TensorList task_vectors, at::TensorList fishers,
+                                at::ArrayRef<double> lambdas, double eps) {
+  constexpr const char* op = "dfmerge_combine";
+  check_list(op, "pretrained", at::TensorList(pretrained));
+  check_list(op, "task_vectors", task_vectors, &pretrained);
+  check_list(op, "fishers", fishers, &pretrained, /*allow_fp32=*/true);
+  check_count(op, "fishers", fishers.size(), task_vectors.size());
+  check_count(op, "lambdas", lambdas.size(), task_vectors.size());
+  check_cuda(op, pretrained);
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(pretrained.device());
+  const at::Tensor pre = pretrained.contiguous();
+  const auto ts = contiguous_all(task_vectors);
+  const auto fs = contiguous_all(fishers);
+  at::Tensor out = new_output(pre);
+  cuda::DfmergeArgs a{};
+  a.m = static_cast<int>(ts.size());
+  a.pretrained = pre.const_data_ptr();
+  for (int i = 0; i < a.m; ++i) {
+    a.task_vectors[i] = ts[i].const_data_ptr();
+    a.fishers[i] = fs[i].const_data_ptr();
+    a.lambdas[i] = static_cast<float>(lambdas[i]);
+  }
+  a.out = out.data_ptr();
+  a.n = out.numel();
+  a.eps = static_cast<float>(eps);
+  a.dtype = dtype_of(out);
+  a.fisher_dtype = dtype_of(fs[0]);
+  check_launch(op, cuda::launch_dfmerge_combine(a, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor ties_merge_cuda(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
+  constexpr const char* op = "ties_merge";
+  check_list(op, "pretrained", at::TensorList(pretrained));
+  check_list(op, "task_vectors", task_vectors, &pretrained);
+  check_cuda(op, pretrained);
+  TORCH_CHECK(density > 0 && density <= 1, op, ": density must be in (0, 1], got ", density);
+  const c10::cuda::CUDAGuard guard(pretrained.device());
+  const at::Tensor pre = pretrained.contiguous();
+  const auto ts = contiguous_all(task_vectors);
+  at::Tensor out = new_output(pre);
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const int64_t k = ties_keep_count(n, density);
+  // Thresholds by torch's GPU selection (kthvalue: radix select, not a sort), one fp32 magnitude buffer at a
+  // time; NaN magnitudes count as +inf, as on the CPU. They stay on the device: no host sync.
+  std::vector<at::Tensor> thr;
+  for (const auto& t : ts) {
+    at::Tensor mag = t.reshape({-1}).abs().to(at::kFloat);
+    mag = at::nan_to_num(mag, std::numeric_limits<double>::infinity());
+    thr.push_back(std::get<0>(at::kthvalue(mag, n - k + 1)));
+  }
+  const at::Tensor thresholds = at::stack(thr).contiguous();
+  cuda::TiesArgs a{};
+  a.m = static_cast<int>(ts.size());
+  a.pretrained = pre.const_data_ptr();
+  for (int i = 0; i < a.m; ++i) a.task_vectors[i] = ts[i].const_data_ptr();
+  a.thresholds = thresholds.const_data_ptr<float>();
+  a.out = out.data_ptr();
+  a.n = n;
+  a.lam = static_cast<float>(lam);
+  a.dtype = dtype_of(out);
+  check_launch(op, cuda::launch_ties_merge(a, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor dare_cuda(const at::Tensor& task_vector, double p, int64_t seed) {
+  constexpr const char* op = "dare";
+  check_list(op, "task_vector", at::TensorList(task_vector));
+  check_cuda(op, task_vector);
+  TORCH_CHECK(p >= 0 && p < 1, op, ": p must be in [0, 1), got ", p);
+  const c10::cuda::CUDAGuard guard(task_vector.device());
+  const at::Tensor t = task_vector.contiguous();
+  at::Tensor out = new_output(t);
+  cuda::DareArgs a{};
+  a.task_vector = t.const_data_ptr();
+  a.out = out.data_ptr();
+  a.n = out.numel();
+  a.key = dare_key(seed);
+  a.threshold = dare_threshold(p);
+  a.scale = static_cast<float>(1.0 / (1.0 - p));
+  a.dtype = dtype_of(out);
+  check_launch(op, cuda::launch_dare(a, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymerge, CUDA, m) {
+  m.impl("weighted_sum", &weighted_sum_cuda);
+  m.impl("fisher_merge", &fisher_merge_cuda);
+  m.impl("dfmerge_combine", &dfmerge_combine_cuda);
+  m.impl("ties_merge", &ties_merge_cuda);
+  m.impl("dare", &dare_cuda);
+}
+
+}  // namespace pymerge

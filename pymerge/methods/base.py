@@ -1,0 +1,208 @@
+"""What a merge method is: typed parameters declared once, and a function of one tensor name's inputs.
+
+Parameter values come from three places, most specific first: a model's `parameters`, the top-level
+`parameters` (also the default for per-model parameters), and the declared default. Any value parameter may be
+given per tensor as a list of `{filter: PATTERN, value: V}` entries, the first whose pattern matches the tensor
+name wins, and an entry without `filter` is the fallback. A pattern is an fnmatch glob against the full name;
+one without wildcards matches as a substring (as in mergekit).
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A merge configuration is invalid (unknown method or parameter, wrong type, missing value...)."""
+
+
+REQUIRED = object()
+
+
+def suggest(name: str, candidates) -> str:
+    close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; expected one of {sorted(candidates)}"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter.
+
+    scope: "global" (top-level `parameters` only) or "model" (per model, with the top-level value as default).
+    type: float, int, bool or str; "file" for a per-model tensor file read lazily alongside each tensor (a
+    Fisher, a Gram matrix file ...), handed to the method as `inputs.aux[name]`.
+    """
+
+    name: str
+    type: Any
+    default: Any = REQUIRED
+    scope: str = "global"
+    choices: Tuple[Any, ...] = ()
+    check: Optional[Callable[[Any], Optional[str]]] = None  # returns an error message or None
+    help: str = ""
+    file_format: str = "fisher"  # file params: "fisher" (pymerge Fisher file, checked) or "tensors" (any)
+
+    @property
+    def is_file(self) -> bool:
+        return self.type == "file"
+
+    def coerce(self, value, where: str):
+        """Type-check and normalise one scalar value (not a filter list)."""
+        t = self.type
+        if self.is_file:
+            if value is None or isinstance(value, (str, os.PathLike)) or hasattr(value, "tensors") \
+                    or isinstance(value, Mapping):
+                return value
+            raise ConfigError(f"{where}: parameter {self.name!r} expects a file path, got {type(value).__name__}")
+        ok = True
+        if t is bool:
+            ok = isinstance(value, bool)
+        elif t is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif t is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ConfigError(f"{where}: parameter {self.name!r} must be finite, got {value}")
+        elif t is str:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ConfigError(f"{where}: parameter {self.name!r} expects {getattr(t, '__name__', t)}, "
+                              f"got {value!r} ({type(value).__name__})")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{where}: parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
+        if self.check is not None:
+            msg = self.check(value)
+            if msg:
+                raise ConfigError(f"{where}: parameter {self.name!r} {msg}, got {value!r}")
+        return value
+
+
+def in_range(lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(v):
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            return f"must be {'>' if lo_open else '>='} {lo}"
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            return f"must be {'<' if hi_open else '<='} {hi}"
+        return None
+    return check
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
+@dataclass
+class Filtered:
+    """A per-tensor value: [(pattern or None, value)], first match wins, None is the fallback."""
+
+    rules: List[Tuple[Optional[str], Any]]
+
+    def resolve(self, tensor_name: str, param: str):
+        for pattern, value in self.rules:
+            if pattern is None or pattern_matches(pattern, tensor_name):
+                return value
+        raise ConfigError(f"parameter {param!r}: no filter matches tensor {tensor_name!r} and there is no "
+                          "fallback entry (one without `filter`)")
+
+
+def parse_value(param: Param, raw, where: str):
+    """A scalar, or a list of {filter, value} dicts (per tensor). Returns the coerced value or a Filtered."""
+    if isinstance(raw, list) and not param.is_file:
+        rules = []
+        for i, entry in enumerate(raw):
+            w = f"{where}: {param.name}[{i}]"
+            if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
+                raise ConfigError(f"{w}: per-tensor entries must look like {{filter: PATTERN, value: V}} "
+                                  f"(or {{value: V}} as the fallback), got {entry!r}")
+            pattern = entry.get("filter")
+            if pattern is not None and not isinstance(pattern, str):
+                raise ConfigError(f"{w}: filter must be a string pattern, got {pattern!r}")
+            rules.append((pattern, param.coerce(entry["value"], w)))
+        if not rules:
+            raise ConfigError(f"{where}: parameter {param.name!r} is an empty list")
+        return Filtered(rules)
+    return param.coerce(raw, where)
+
+
+def resolve(value, tensor_name: str, param: str):
+    return value.resolve(tensor_name, param) if isinstance(value, Filtered) else value
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method sees for one tensor name."""
+
+    name: str
+    models: List[torch.Tensor]                       # one per model, same shape and dtype
+    base: Optional[torch.Tensor]                     # the pretrained tensor (methods with needs_base)
+    params: Dict[str, Any]                           # global parameters resolved for this tensor
+    model_params: List[Dict[str, Any]]               # per-model parameters resolved for this tensor
+    aux: Dict[str, List[Optional[torch.Tensor]]] = field(default_factory=dict)  # file params, per model
+    state: Dict[str, Any] = field(default_factory=dict)  # whatever `prepare` returned
+    owned: bool = False  # the engine read `models` fresh from disk: they may be reused in place
+
+    def per_model(self, key: str) -> List[Any]:
+        return [p[key] for p in self.model_params]
+
+    def task_vectors(self) -> List[torch.Tensor]:
+        """τ_i = θ_i - θ_pre. When the engine owns the model tensors they become the task vectors in place
+        (saves one tensor per model); do not use `models` after calling this."""
+        if self.owned:
+            return [m.sub_(self.base) for m in self.models]
+        return [m - self.base for m in self.models]
+
+
+class MergeMethod:
+    """Subclass, declare `name`, `params` (and `needs_base`), implement `merge_tensor`; then `register` it."""
+
+    name: str = ""
+    description: str = ""
+    params: Tuple[Param, ...] = ()
+    needs_base: bool = False
+    elementwise: bool = False  # output element j depends only on input elements j: the engine may chunk rows
+    fisher_mode: Optional[str] = None  # required `mode` metadata of the file parameter `fisher`, if any
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def validate(self, global_params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> None:
+        """Cross-parameter checks after each value passed its own (override when needed)."""
+
+    def prepare(self, inputs: "PrepareInputs") -> Dict[str, Any]:
+        """Optional whole-model pass before merging (e.g. Fisher norms); returns `TensorInputs.state`."""
+        return {}
+
+    def aux_key(self, param: str, tensor_name: str) -> Optional[str]:
+        """Name of the entry of file parameter `param` that goes with `tensor_name` (default: the same name).
+        None: this tensor has no side input (the method then gets None in `inputs.aux[param]`)."""
+        return tensor_name
+
+    def aux_shape_error(self, param: str, tensor_name: str, tensor_shape, aux_shape) -> Optional[str]:
+        """Why a side input's shape does not fit the tensor (default: it must be the tensor's shape)."""
+        if tuple(aux_shape) != tuple(tensor_shape):
+            return f"has shape {tuple(aux_shape)}, the model {tuple(tensor_shape)}"
+        return None
+
+    def merge_tensor(self, inputs: TensorInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class PrepareInputs:
+    params: Dict[str, Any]
+    model_params: List[Dict[str, Any]]
+    aux_sources: Dict[str, List[Any]]   # file param -> per-model TensorSource (or None)
+    merged_names: List[str]             # names of the tensors that will be merged (model naming)

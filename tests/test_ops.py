@@ -1,0 +1,398 @@
+"""The fused merge ops (CPU kernels) against their pure-torch references, properties, opcheck, bad input."""
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pymerge import ops
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Kernel and reference both accumulate in fp32 in the same order; outputs may differ by an fp32 rounding, which
+# in fp16 / bf16 can flip the last bit of the output.
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+# (shape, M): sizes 0, 1, odd, several blocks, large (several parallel chunks) and M = 1, 2, 3, 16; M = 3 uses
+# non-contiguous views. Large tensors with many models only cost test time, so they are not crossed fully.
+SHAPE_M = [((0,), 1), ((0,), 16), ((1,), 1), ((1,), 2), ((7, 13), 1), ((7, 13), 2), ((7, 13), 3), ((7, 13), 16),
+           ((5001,), 16), ((100_003,), 2), ((100_003,), 3)]
+settings.register_profile("ops", max_examples=15, deadline=None)
+settings.load_profile("ops")
+
+
+def seed_of(*args):
+    return zlib.crc32(repr(args).encode())  # stable across processes (unlike hash())
+
+
+def close(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOL[want.dtype])
+
+
+def rand(shape, dtype, gen, *, positive=False, noncontig=False):
+    """A random tensor; noncontig gives a strided view (a transposed or a step-2 slice) of the same shape."""
+    if noncontig and len(shape) == 2:
+        t = torch.randn(shape[::-1], generator=gen).t()
+    elif noncontig:
+        t = torch.randn((shape[0] * 2,) + tuple(shape[1:]), generator=gen)[::2]
+    else:
+        t = torch.randn(shape, generator=gen)
+    if positive:
+        t = t.abs()
+    t = t.to(dtype)
+    assert t.shape == tuple(shape) and (t.is_contiguous() or noncontig)
+    return t
+
+
+def zero_region(fishers):
+    """Zero all Fishers on the first third of the elements: there Σ λ F = 0 and the fallback applies."""
+    for f in fishers:
+        flat = f.view(-1) if f.is_contiguous() else None
+        if flat is not None:
+            flat[: f.numel() // 3] = 0
+        else:
+            f[: max(1, f.shape[0] // 3)] = 0
+
+
+def test_compiled_kernels_are_used():
+    t = torch.zeros(3)
+    for name in ("weighted_sum", "fisher_merge", "dfmerge_combine", "ties_merge", "dare"):
+        assert ops._use_kernel(name, t), name
+
+
+# ------------------------------------------------------------------------------------------------
+# each op against its reference
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,m", SHAPE_M)
+@pytest.mark.parametrize("fallback", ["target", "average"])
+def test_fisher_merge_matches_reference(dtype, shape, m, fallback):
+    gen = torch.Generator().manual_seed(seed_of(str(dtype), shape, m, fallback))
+    nc = m == 3  # one M takes non-contiguous views
+    params = [rand(shape, dtype, gen, noncontig=nc) for _ in range(m)]
+    fishers = [rand(shape, dtype, gen, positive=True, noncontig=nc) for _ in range(m)]
+    zero_region(fishers)
+    weights = torch.rand(m, generator=gen).add(0.1).tolist()
+    got = ops.fisher_merge(params, fishers, weights, fallback=fallback)
+    close(got, ops.fisher_merge_reference(params, fishers, weights, 1e-8, fallback))
+    assert got.is_contiguous()
+
+
+def test_fisher_merge_fallbacks_pick_the_documented_value():
+    p = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])]
+    f = [torch.tensor([0.0, 1.0]), torch.tensor([0.0, 3.0])]
+    # element 0: zero Fisher -> params[0] or the λ-weighted mean; element 1: (0.5*2 + 0.5*3*6) / (0.5 + 1.5)
+    assert ops.fisher_merge(p, f).tolist() == [1.0, 5.0]
+    got = ops.fisher_merge(p, f, weights=[1.0, 3.0], fallback="average")
+    torch.testing.assert_close(got, torch.tensor([(1 + 9) / 4, (2 + 54) / (1 + 9)]))
+    # eps is inclusive: Σ λ F <= eps falls back
+    assert ops.fisher_merge(p, f, eps=1.0).tolist() == [1.0, 5.0]
+    assert ops.fisher_merge(p, f, eps=2.0).tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("pdtype", [torch.float16, torch.bfloat16])
+def test_fisher_merge_fp32_fishers_with_half_params(pdtype):
+    gen = torch.Generator().manual_seed(1)
+    params = [rand((257,), pdtype, gen) for _ in range(3)]
+    fishers = [rand((257,), torch.float32, gen, positive=True) * 1e-9 for _ in range(3)]  # would underflow fp16
+    got = ops.fisher_merge(params, fishers, eps=0.0)
+    assert got.dtype == pdtype
+    close(got, ops.fisher_merge_reference(params, fishers, None, 0.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,m", SHAPE_M)
+def test_dfmerge_combine_matches_reference(dtype, shape, m):
+    gen = torch.Generator().manual_seed(seed_of(str(dtype), shape, m))
+    nc = m == 2
+    pre = rand(shape, dtype, gen, noncontig=nc)
+    taus = [rand(shape, dtype, gen, noncontig=nc) for _ in range(m)]
+    fishers = [rand(shape, dtype, gen, positive=True, noncontig=nc) for _ in range(m)]
+    zero_region(fishers)
+    lambdas = torch.rand(m, generator=gen).tolist()
+    close(ops.dfmerge_combine(pre, taus, fishers, lambdas), ops.dfmerge_combine_reference(pre, taus, fishers, lambdas))
+
+
+def test_dfmerge_combine_follows_eq8_and_its_fallback():
+    pre = torch.tensor([10.0, 10.0])
+    taus = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]
+    fishers = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])]
+    got = ops.dfmerge_combine(pre, taus, fishers, [0.5, 0.25])
+    # element 0: 10 + 2 * (1*0.5*1 + 3*0.25*3) / 4; element 1 (ΣF = 0): 10 + 0.5*2 + 0.25*4
+    torch.testing.assert_close(got, torch.tensor([10 + 2 * (0.5 + 2.25) / 4, 12.0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,m", SHAPE_M)
+def test_weighted_sum_matches_reference(dtype, shape, m):
+    gen = torch.Generator().manual_seed(seed_of(str(dtype), shape, m))
+    ts = [rand(shape, dtype, gen, noncontig=(m == 3)) for _ in range(m)]
+    base = rand(shape, dtype, gen) if m != 2 else None
+    w = (torch.randn(m, generator=gen)).tolist()
+    close(ops.weighted_sum(ts, w, base), ops.weighted_sum_reference(ts, w, base))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,m", SHAPE_M)
+@pytest.mark.parametrize("density", [0.2, 1.0])
+def test_ties_merge_matches_reference(dtype, shape, m, density):
+    gen = torch.Generator().manual_seed(seed_of(str(dtype), shape, m, density))
+    nc = m == 3
+    pre = rand(shape, dtype, gen, noncontig=nc)
+    taus = [rand(shape, dtype, gen, noncontig=nc) for _ in range(m)]
+    close(ops.ties_merge(pre, taus, density, 0.7), ops.ties_merge_reference(pre, taus, density, 0.7))
+
+
+def naive_ties(pre, taus, density, lam):
+    """TIES written out element by element with a full sort, to check the reference's semantics."""
+    n = pre.numel()
+    k = max(1, math.ceil(density * n))
+    trimmed = []
+    for t in taus:
+        t = t.flatten().tolist()
+        thr = sorted((abs(x) for x in t), reverse=True)[k - 1]
+        trimmed.append([x if abs(x) >= thr else 0.0 for x in t])
+    out = []
+    for e in range(n):
+        vals = [tr[e] for tr in trimmed]
+        s = sum(vals)
+        agree = [v for v in vals if v != 0 and (v > 0) == (s > 0) and s != 0]
+        out.append(pre.flatten()[e].item() + lam * (sum(agree) / len(agree) if agree else 0.0))
+    return torch.tensor(out).reshape(pre.shape)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 1.0])
+def test_ties_merge_matches_a_naive_sorting_implementation(density):
+    gen = torch.Generator().manual_seed(7)
+    pre = torch.randn(41, generator=gen)
+    # small integers: many equal magnitudes, so ties at the threshold are exercised (all kept)
+    taus = [torch.randint(-3, 4, (41,), generator=gen).float() for _ in range(3)]
+    want = naive_ties(pre, taus, density, 0.9)
+    torch.testing.assert_close(ops.ties_merge_reference(pre, taus, density, 0.9), want)
+    torch.testing.assert_close(ops.ties_merge(pre, taus, density, 0.9), want)
+
+
+def test_ties_merge_keeps_top_k_and_drops_conflicting_signs():
+    pre = torch.zeros(4)
+    taus = [torch.tensor([4.0, -3.0, 0.5, 1.0]), torch.tensor([-1.0, 2.0, 0.1, 5.0])]
+    # density 0.5 -> k = 2: model 0 keeps {4, -3}, model 1 keeps {2, 5}.
+    # e0: 4 alone; e1: -3 + 2 -> sign -, mean -3; e2: nothing kept; e3: 5 alone.
+    assert ops.ties_merge(pre, taus, 0.5, 1.0).tolist() == [4.0, -3.0, 0.0, 5.0]
+    assert ops.ties_merge(pre, taus, 0.5, 0.5).tolist() == [2.0, -1.5, 0.0, 2.5]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 13), (100_003,)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9])
+def test_dare_matches_reference_exactly(dtype, shape, p):
+    gen = torch.Generator().manual_seed(seed_of(str(dtype), shape, p))
+    t = rand(shape, dtype, gen, noncontig=(p == 0.3))
+    got = ops.dare(t, p, seed=1234)
+    assert torch.equal(got, ops.dare_reference(t, p, 1234))
+
+
+def test_dare_random_bits_are_splitmix64():
+    # splitmix64 written out with Python ints, element 0 and 5 of seed 42
+    mask = 2**64 - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    key = mix(42)
+    bits = ops.dare_random_bits(42, 6)
+    for e in (0, 5):
+        assert bits[e] == mix((key + (e + 1) * 0x9E3779B97F4A7C15) & mask) >> 40
+
+
+def test_dare_mask_independent_of_threads_and_layout():
+    t = torch.randn(300, 401)
+    want = ops.dare(t, 0.5, 9)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ops.dare(t, 0.5, 9), want)
+    finally:
+        torch.set_num_threads(old)
+    tt = t.t().contiguous().t()  # same values, column-major storage
+    assert torch.equal(ops.dare(tt, 0.5, 9), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# properties
+# ------------------------------------------------------------------------------------------------
+dtype_st = st.sampled_from(DTYPES)
+m_st = st.integers(1, 6)
+n_st = st.integers(1, 300)
+
+
+@given(dtype=dtype_st, m=m_st, n=n_st, seed=st.integers(0, 2**31 - 1))
+def test_equal_fishers_give_the_weighted_mean(dtype, m, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [rand((n,), dtype, gen) for _ in range(m)]
+    f = rand((n,), dtype, gen, positive=True).float().add(0.5).to(dtype)
+    w = torch.rand(m, generator=gen).add(0.1).tolist()
+    got = ops.fisher_merge(params, [f] * m, w)
+    close(got, ops.weighted_sum(params, [x / sum(w) for x in w]))
+
+
+@given(dtype=dtype_st, n=n_st, seed=st.integers(0, 2**31 - 1))
+def test_one_model_returns_its_input(dtype, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p = rand((n,), dtype, gen)
+    f = rand((n,), dtype, gen, positive=True)
+    tau = rand((n,), dtype, gen)
+    close(ops.fisher_merge([p], [f]), p)
+    close(ops.weighted_sum([p], [1.0]), p)
+    close(ops.dfmerge_combine(p, [tau], [f], [1.0]), ops.weighted_sum([tau], [1.0], p))
+    close(ops.ties_merge(p, [tau], 1.0, 1.0), ops.weighted_sum([tau], [1.0], p))
+
+
+@given(dtype=dtype_st, m=st.integers(2, 6), n=n_st, seed=st.integers(0, 2**31 - 1),
+       density=st.floats(0.05, 1.0))
+def test_permuting_models_leaves_the_result_unchanged(dtype, m, n, seed, density):
+    gen = torch.Generator().manual_seed(seed)
+    params = [rand((n,), dtype, gen) for _ in range(m)]
+    fishers = [rand((n,), dtype, gen, positive=True) for _ in range(m)]
+    zero_region(fishers)
+    w = torch.rand(m, generator=gen).add(0.1).tolist()
+    pre = rand((n,), dtype, gen)
+    perm = torch.randperm(m, generator=gen).tolist()
+    pp, fp, wp = [params[i] for i in perm], [fishers[i] for i in perm], [w[i] for i in perm]
+    # the "average" fallback is symmetric in the models ("target" picks params[0] by design)
+    close(ops.fisher_merge(pp, fp, wp, fallback="average"), ops.fisher_merge(params, fishers, w, fallback="average"))
+    close(ops.dfmerge_combine(pre, pp, fp, wp), ops.dfmerge_combine(pre, params, fishers, w))
+    close(ops.weighted_sum(pp, wp, pre), ops.weighted_sum(params, w, pre))
+    if dtype == torch.float32:  # TIES elects a sign from a sum, which fp rounding can make order dependent at 0
+        close(ops.ties_merge(pre, pp, density, 0.8), ops.ties_merge(pre, params, density, 0.8))
+
+
+@given(dtype=dtype_st, n=st.integers(0, 500), seed=st.integers(-(2**63), 2**63 - 1))
+def test_dare_with_p0_is_identity(dtype, n, seed):
+    t = torch.randn(n).to(dtype)
+    assert torch.equal(ops.dare(t, 0.0, seed), t)
+
+
+@given(seed=st.integers(-(2**63), 2**63 - 1), p=st.floats(0.05, 0.95))
+def test_dare_seed_decides_the_mask_and_drops_about_p(seed, p):
+    t = torch.randn(20_000).abs().add(0.1)  # no zeros: a zero output means dropped
+    a = ops.dare(t, p, seed)
+    assert torch.equal(a, ops.dare(t, p, seed))
+    other = seed + 1 if seed < 2**63 - 1 else seed - 1
+    assert not torch.equal(a == 0, ops.dare(t, p, other) == 0)
+    frac = (a == 0).float().mean().item()
+    assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / t.numel())
+    kept = a != 0
+    torch.testing.assert_close(a[kept], t[kept] / (1 - p))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library.opcheck (schema, fake kernels, autograd registration, AOT dispatch) and meta tensors
+# ------------------------------------------------------------------------------------------------
+def opcheck_cases():
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.randn(5, 7, generator=gen) for _ in range(3)]
+    fs = [torch.rand(5, 7, generator=gen) for _ in range(3)]
+    return [
+        (torch.ops.pymerge.weighted_sum.default, (ps, [0.1, 0.2, 0.3], ps[0])),
+        (torch.ops.pymerge.weighted_sum.default, (ps, [0.1, 0.2, 0.3], None)),
+        (torch.ops.pymerge.fisher_merge.default, (ps, fs, [0.2, 0.3, 0.5], 1e-8, "target")),
+        (torch.ops.pymerge.fisher_merge.default, (ps, fs, [0.2, 0.3, 0.5], 1e-8, "average")),
+        (torch.ops.pymerge.dfmerge_combine.default, (ps[0], ps[1:], fs[1:], [0.4, 0.6], 1e-8)),
+        (torch.ops.pymerge.ties_merge.default, (ps[0], ps[1:], 0.3, 1.0)),
+        (torch.ops.pymerge.dare.default, (ps[0], 0.4, 17)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_opcheck(case):
+    op, args = opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_meta_tensors_give_shapes():
+    ps = [torch.empty(3, 4, device="meta", dtype=torch.bfloat16) for _ in range(2)]
+    out = ops.fisher_merge(ps, ps)
+    assert out.device.type == "meta" and out.shape == (3, 4) and out.dtype == torch.bfloat16
+    assert ops.dare(ps[0], 0.5, 1).shape == (3, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: each error names the argument (and index) at fault
+# ------------------------------------------------------------------------------------------------
+x = torch.zeros(4)
+y = torch.zeros(5)
+BAD = [
+    (lambda: ops.fisher_merge([], []), ValueError, r"params: expected a non-empty list"),
+    (lambda: ops.fisher_merge([x, x], [x]), ValueError, r"fishers: expected 2 tensors \(one per params\), got 1"),
+    (lambda: ops.fisher_merge([x, y], [x, x]), ValueError, r"params\[1\]: shape \(5,\) does not match params\[0\]"),
+    (lambda: ops.fisher_merge([x, x], [x, y]), ValueError, r"fishers\[1\]: shape \(5,\)"),
+    (lambda: ops.fisher_merge([x, x.half()], [x, x]), ValueError, r"params\[1\]: dtype torch.float16 does not match"),
+    (lambda: ops.fisher_merge([x.half()], [x.bfloat16()]), ValueError, r"fishers\[0\]: dtype torch.bfloat16"),
+    (lambda: ops.fisher_merge([x], [x.double()]), TypeError, r"fishers\[0\]: dtype torch.float64 is not supported"),
+    (lambda: ops.fisher_merge([x.to(torch.int32)], [x]), TypeError, r"params\[0\]: dtype torch.int32"),
+    (lambda: ops.fisher_merge([x, x.to("meta")], [x, x]), ValueError, r"params\[1\]: device meta does not match"),
+    (lambda: ops.fisher_merge([x] * 17, [x] * 17), ValueError, r"params: at most 16 models"),
+    (lambda: ops.fisher_merge([x, x], [x, x], [1.0]), ValueError, r"weights: expected 2 values"),
+    (lambda: ops.fisher_merge([x, x], [x, x], [1.0, float("nan")]), ValueError, r"weights\[1\]: expected a finite"),
+    (lambda: ops.fisher_merge([x], [x], eps=-1e-3), ValueError, r"eps: expected a finite number >= 0"),
+    (lambda: ops.fisher_merge([x], [x], fallback="mean"), ValueError, r"fallback: expected 'target' or 'average'"),
+    (lambda: ops.fisher_merge([x, x], [x, x], [1.0, -1.0], fallback="average"), ValueError, r"weights: .*sum"),
+    (lambda: ops.fisher_merge([x, x.clone().fill_(float("nan"))], [x, x], check_finite=True), ValueError,
+     r"params\[1\]: contains NaN or Inf"),
+    (lambda: ops.fisher_merge([x, x], [x, x.clone().fill_(float("inf"))], check_finite=True), ValueError,
+     r"fishers\[1\]: contains NaN or Inf"),
+    (lambda: ops.dfmerge_combine(x, [], [], []), ValueError, r"task_vectors: expected a non-empty list"),
+    (lambda: ops.dfmerge_combine(x, [y], [y], [1.0]), ValueError, r"task_vectors\[0\]: shape \(5,\) does not match pretrained"),
+    (lambda: ops.dfmerge_combine(x, [x], [x], [1.0, 2.0]), ValueError, r"lambdas: expected 1 values"),
+    (lambda: ops.dfmerge_combine(x, [x, x], [x], [1.0, 2.0]), ValueError, r"fishers: expected 2 tensors"),
+    (lambda: ops.dfmerge_combine(x.half(), [x], [x], [1.0]), ValueError, r"task_vectors\[0\]: dtype torch.float32"),
+    (lambda: ops.dfmerge_combine(x, [x], [x], [1.0], eps=-1), ValueError, r"eps: expected"),
+    (lambda: ops.dfmerge_combine(x.clone().fill_(float("nan")), [x], [x], [1.0], check_finite=True), ValueError,
+     r"pretrained: contains NaN"),
+    (lambda: ops.dfmerge_combine(x, [x, x.clone().fill_(float("nan"))], [x, x], [1.0, 1.0], check_finite=True),
+     ValueError, r"task_vectors\[1\]: contains NaN"),
+    (lambda: ops.weighted_sum([], []), ValueError, r"tensors: expected a non-empty list"),
+    (lambda: ops.weighted_sum([x, x], [1.0]), ValueError, r"weights: expected 2 values"),
+    (lambda: ops.weighted_sum([x], [1.0], base=y), ValueError, r"base: shape \(5,\) does not match tensors\[0\]"),
+    (lambda: ops.weighted_sum([x], [1.0], base=x.half()), ValueError, r"base: dtype torch.float16"),
+    (lambda: ops.weighted_sum(x, [1.0]), TypeError, r"tensors: expected a list of tensors"),
+    (lambda: ops.ties_merge(x, [x], 0.0, 1.0), ValueError, r"density: expected a value in \(0, 1\]"),
+    (lambda: ops.ties_merge(x, [x], 1.5, 1.0), ValueError, r"density: expected a value in \(0, 1\]"),
+    (lambda: ops.ties_merge(x, [x, y], 0.5, 1.0), ValueError, r"task_vectors\[1\]: shape \(5,\)"),
+    (lambda: ops.ties_merge(x, [x] * 17, 0.5, 1.0), ValueError, r"task_vectors: at most 16"),
+    (lambda: ops.ties_merge(x, [x], 0.5, float("inf")), ValueError, r"lam: expected a finite number"),
+    (lambda: ops.dare(x, 1.0, 0), ValueError, r"p: expected a drop probability in \[0, 1\)"),
+    (lambda: ops.dare(x, -0.1, 0), ValueError, r"p: expected a drop probability in \[0, 1\)"),
+    (lambda: ops.dare(x, 0.5, 1.5), TypeError, r"seed: expected an int"),
+    (lambda: ops.dare(x, 0.5, 2**64), ValueError, r"seed: expected a 64-bit"),
+    (lambda: ops.dare([x], 0.5, 0), TypeError, r"task_vector: expected a tensor"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_input_names_the_argument(case):
+    fn, exc, match = BAD[case]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_compiled_op_checks_its_arguments_too():
+    # C++ / LibTorch callers skip the Python checks; the kernels check again.
+    with pytest.raises(RuntimeError, match=r"fisher_merge: fishers\[1\]: shape"):
+        torch.ops.pymerge.fisher_merge([x, x], [x, y], [0.5, 0.5], 1e-8, "target")
+    with pytest.raises(RuntimeError, match=r"fallback must be 'target' or 'average'"):
+        torch.ops.pymerge.fisher_merge([x], [x], [1.0], 1e-8, "median")
+    with pytest.raises(RuntimeError, match=r"ties_merge: density must be in \(0, 1\]"):
+        torch.ops.pymerge.ties_merge(x, [x], 0.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"dare: p must be in \[0, 1\)"):
+        torch.ops.pymerge.dare(x, 1.0, 0)
+    with pytest.raises(RuntimeError, match=r"weighted_sum: tensors: at most 16"):
+        torch.ops.pymerge.weighted_sum([x] * 17, [1.0] * 17, None)
