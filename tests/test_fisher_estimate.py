@@ -293,14 +293,19 @@ def test_bad_inputs_get_clear_errors():
         pf.estimate(frozen, [batch])
 
 
-def test_masks_mode_delegates_or_explains():
-    try:
-        import pymerge.fisher.masks  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="masks"):
-            pf.estimate(fm.bert(), [_cls_batch()], mode="masks")
-        return
-    pytest.skip("pymerge.fisher.masks is present; its own tests cover mode='masks'")
+def test_masks_mode_delegates_to_the_mask_fisher(monkeypatch):
+    import pymerge.fisher.masks as masks
+
+    seen = {}
+
+    def fake(model, batches, **kwargs):
+        seen.update(model=model, batches=batches, kwargs=kwargs)
+        return "mask fisher"
+
+    monkeypatch.setattr(masks, "estimate_masks", fake)
+    model, batches = fm.bert(), [_cls_batch()]
+    assert pf.estimate(model, batches, mode="masks", mapping="paper") == "mask fisher"
+    assert seen == dict(model=model, batches=batches, kwargs=dict(mapping="paper"))
 
 
 def test_streamed_rounds_equal_the_batched_backward():
