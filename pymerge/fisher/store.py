@@ -57,7 +57,8 @@ def weights_fingerprint(model_or_state, samples: int = 64) -> str:
     for name, t in sorted(_named_tensors(model_or_state).items()):
         flat = t.detach().reshape(-1)
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+            # float64: float32 steps round past the last index for tensors over 2^24 elements
+            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), dtype=torch.float64).long()
             h.update(name.encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
