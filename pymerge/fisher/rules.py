@@ -105,8 +105,8 @@ class EmbeddingRule(Rule):
     def accumulate(self, module, pairs, n, acc):
         keys, g, vocab = self._keys(module, pairs, n)
         uniq, inverse = torch.unique(keys, return_inverse=True)
-        summed = torch.zeros(uniq.numel(), g.shape[1], device=g.device).index_add_(0, inverse, g)
-        acc["weight"].index_add_(0, uniq % vocab, summed.square())
+        summed = torch.zeros(uniq.numel(), g.shape[1], device=g.device).index_put_((inverse,), g, accumulate=True)
+        acc["weight"].index_put_((uniq % vocab,), summed.square(), accumulate=True)
 
     def per_example(self, module, pairs, n):
         keys, g, vocab = self._keys(module, pairs, n)
