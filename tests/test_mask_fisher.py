@@ -453,3 +453,20 @@ def test_estimate_mode_masks_delegates_here():
         assert via.metadata["mask_mode"] == mode
         for k in direct.keys():
             assert torch.equal(via[k], direct[k]), k
+
+
+def test_estimate_mode_masks_passes_log_prob_fn_on():
+    estimate = pytest.importorskip("pymerge.fisher.estimate").estimate
+
+    def first_two(model, batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return torch.log_softmax(model(**inputs).logits[:, :2], -1)
+
+    model = make_model("bert")
+    batches = make_batches("bert", sizes=((3, 6),))
+    via = estimate(model, batches, mode="masks", mask_mode="exact", log_prob_fn=first_two)
+    direct = estimate_masks(model, batches, mode="exact", log_prob_fn=first_two)
+    without = estimate_masks(model, batches, mode="exact")
+    assert any(not torch.equal(direct[k], without[k]) for k in direct.keys())  # the function matters
+    for k in direct.keys():
+        assert torch.equal(via[k], direct[k]), k

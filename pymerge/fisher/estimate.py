@@ -277,6 +277,8 @@ def estimate(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], mode:
         except ImportError as exc:
             raise ImportError("mode='masks' needs pymerge.fisher.masks (the mask Fisher), which is not available "
                               f"in this installation ({exc})") from exc
+        if log_prob_fn is not None:
+            kwargs["log_prob_fn"] = log_prob_fn
         return estimate_masks(model, batches, **kwargs)
     if kwargs:
         raise TypeError(f"estimate() got unexpected arguments {sorted(kwargs)}")

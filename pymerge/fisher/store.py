@@ -58,7 +58,6 @@ def weights_fingerprint(model_or_state, samples: int = 64) -> str:
         flat = t.detach().reshape(-1)
         if flat.numel():
             # float64: a float32 linspace rounds past the end for tensors over 2**24 elements
-            # float64: float32 steps round past the last index for tensors over 2^24 elements
             idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), dtype=torch.float64).long()
             h.update(name.encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
