@@ -90,3 +90,21 @@ def test_cli_bad_inputs(model_dir, tmp_path):
 def test_weights_fingerprint_of_a_tensor_over_2_pow_24_elements():
     big = {"embeddings": torch.zeros(30522 * 768)}  # float32 linspace rounded its last index out of range
     assert len(pf.weights_fingerprint(big)) == 16
+
+
+@pytest.mark.parametrize("mask_mode", ["exact", "empirical"])
+def test_cli_mask_fisher_modes_match_python(model_dir, tmp_path, mask_mode):
+    pytest.importorskip("pymerge.fisher.masks")
+    data, out = _data(tmp_path, ROWS), tmp_path / "masks.safetensors"
+    argv = [str(model_dir), "--data", str(data), "-o", str(out), "--mode", "masks", "--mask-mode", mask_mode,
+            "--batch-size", "3"]
+    assert command.main(argv) == 0
+    got = pf.load(out)
+    assert got.metadata["mode"] == "masks" and got.metadata["mask_mode"] == mask_mode
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    enc = tok([r["text"] for r in ROWS], padding=True, return_tensors="pt")
+    batch = dict(enc, labels=torch.tensor([1 if r["label"] in ("pos", 1) else 0 for r in ROWS]))
+    ref = pf.estimate(model, [batch], mode="masks", mask_mode=mask_mode)
+    for k in ref.keys():
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-9)

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expectation over labels: exact, sampled, or the data's labels (empirical); "
                              "masks: head/neuron mask Fisher (default: exact)")
     parser.add_argument("--num-samples", type=int, default=1, help="draws per example for --mode sampled")
+    parser.add_argument("--mask-mode", default="empirical", choices=["empirical", "exact"],
+                        help="for --mode masks: true labels (the paper's choice) or exact over the classes")
     parser.add_argument("--text-column", default="text", help="column with the input text (default: text)")
     parser.add_argument("--text-pair-column", default=None, help="optional second text column (sentence pairs)")
     parser.add_argument("--label-column", default="label", help="column with the label (default: label)")
@@ -108,7 +110,7 @@ def make_batches(rows, tokenizer, args, label2id, need_labels: bool):
                 if col and col not in row:
                     raise ValueError(f"--data example {i}: no column {col!r} (columns: {sorted(row)})")
             if need_labels and label_col not in row:
-                raise ValueError(f"--data example {i}: no label column {label_col!r} (needed by --mode empirical)")
+                raise ValueError(f"--data example {i}: no label column {label_col!r} (needed by --mode empirical and --mode masks --mask-mode empirical)")
         texts = [str(r[text_col]) for r in chunk]
         pairs = [str(r[pair_col]) for r in chunk] if pair_col else None
         enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
@@ -142,8 +144,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {args.data}: no examples")
     model, tokenizer = _load_model(Path(args.model), device)
     label2id = getattr(model.config, "label2id", None)
-    batches = make_batches(rows, tokenizer, args, label2id, need_labels=args.mode == "empirical")
-    kwargs = {} if args.mode == "masks" else dict(num_samples=args.num_samples, seed=args.seed)
+    masks_need_labels = args.mode == "masks" and args.mask_mode == "empirical"
+    batches = make_batches(rows, tokenizer, args, label2id, need_labels=args.mode == "empirical" or masks_need_labels)
+    if args.mode == "masks":
+        kwargs = dict(mask_mode=args.mask_mode)
+    else:
+        kwargs = dict(num_samples=args.num_samples, seed=args.seed)
     fisher = estimate(model, batches, mode=args.mode, **kwargs)
     fisher.metadata.setdefault("model_path", str(Path(args.model).resolve()))
     fisher.metadata.setdefault("data", str(Path(args.data).resolve()))
