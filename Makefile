@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-stamp
 export MAX_JOBS ?= 2
+export HF_HUB_OFFLINE := 1
 
 .PHONY: test demo build bench cuda-check clean
 
@@ -25,8 +26,12 @@ test: build
 demo: build
 	$(PY) -m pymerge demo
 
+# Every benchmark in its quick form (results and full commands: bench/README.md).
 bench: build
-	$(PY) bench/merge_ops.py
+	PYTHONPATH=. $(PY) bench/merge_ops.py --quick
+	PYTHONPATH=. $(PY) bench/fisher.py --quick
+	PYTHONPATH=. $(PY) bench/mask_fisher.py --quick
+	PYTHONPATH=. $(PY) bench/engine.py --quick
 
 # Compiles every CUDA source with plain nvcc (they are torch-free), as CI does where nvcc exists.
 cuda-check:
