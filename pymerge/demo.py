@@ -118,17 +118,16 @@ def run_demo(out_dir: str = DEFAULT_OUT, steps: int = 120, fisher_examples: int 
     print("\n[4] test accuracy (each task's own head on the merged body)")
     header = f"  {'model':<26}" + "".join(f"{n:>12}" for n in tasks) + f"{'mean':>10}"
     print(header)
-    rows = {f"fine-tuned ({n})": models[n] for n in tasks}
-    for label, model in rows.items():
-        accs = [accuracy(model, tokenizer, d.test, max_length=48) if label.endswith(f"({n})") else float("nan")
-                for n, d in tasks.items()]
-        print(f"  {label:<26}" + "".join(f"{a:>12.3f}" for a in accs))
+    for own in tasks:  # a fine-tuned model has only its own task's head
+        cells = [f"{accuracy(models[n], tokenizer, d.test, max_length=48):>12.3f}" if n == own else f"{'-':>12}"
+                 for n, d in tasks.items()]
+        print(f"  {f'fine-tuned ({own})':<26}" + "".join(cells))
     results = {}
     for method, path in merged_dirs.items():
         accs = [accuracy(load_with_head(path, n).eval(), tokenizer, d.test, max_length=48)
                 for n, d in tasks.items()]
         results[method] = accs
-        print(f"  {'merged: ' + method:<22}" + "".join(f"{a:>12.3f}" for a in accs) + f"{sum(accs) / len(accs):>10.3f}")
+        print(f"  {'merged: ' + method:<26}" + "".join(f"{a:>12.3f}" for a in accs) + f"{sum(accs) / len(accs):>10.3f}")
     best = max(results, key=lambda m: sum(results[m]))
     print(f"\nbest merge by mean accuracy: {best}")
     return results
