@@ -114,10 +114,8 @@ void check_cpu(const char* op, const at::Tensor& t) {
 // ---- weighted_sum: base + Σ w_i t_i ---------------------------------------------------------------
 at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
   constexpr const char* op = "weighted_sum";
-  check_list(op, "tensors", tensors);
-  check_count(op, "weights", weights.size(), tensors.size());
+  check_weighted_sum_args(tensors, weights, base);
   check_cpu(op, tensors[0]);
-  if (base.has_value()) check_list(op, "base", at::TensorList(*base), &tensors[0]);
   const auto ins = contiguous_all(tensors);
   const at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
   at::Tensor out = new_output(ins[0]);
@@ -152,12 +150,8 @@ at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights
 at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
                             c10::string_view fallback) {
   constexpr const char* op = "fisher_merge";
-  check_list(op, "params", params);
-  check_list(op, "fishers", fishers, &params[0], /*allow_fp32=*/true);
-  check_count(op, "fishers", fishers.size(), params.size());
-  check_count(op, "weights", weights.size(), params.size());
+  check_fisher_merge_args(params, fishers, weights, eps);
   check_cpu(op, params[0]);
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const Fallback fb = parse_fallback(op, fallback);
   const auto ps = contiguous_all(params);
   const auto fs = contiguous_all(fishers);
@@ -211,13 +205,8 @@ at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, at::A
 at::Tensor dfmerge_combine_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, at::TensorList fishers,
                                at::ArrayRef<double> lambdas, double eps) {
   constexpr const char* op = "dfmerge_combine";
-  check_list(op, "pretrained", at::TensorList(pretrained));
-  check_list(op, "task_vectors", task_vectors, &pretrained);
-  check_list(op, "fishers", fishers, &pretrained, /*allow_fp32=*/true);
-  check_count(op, "fishers", fishers.size(), task_vectors.size());
-  check_count(op, "lambdas", lambdas.size(), task_vectors.size());
+  check_dfmerge_combine_args(pretrained, task_vectors, fishers, lambdas, eps);
   check_cpu(op, pretrained);
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const at::Tensor pre = pretrained.contiguous();
   const auto ts = contiguous_all(task_vectors);
   const auto fs = contiguous_all(fishers);
@@ -312,10 +301,8 @@ float kth_largest_magnitude(const P* t, int64_t n, int64_t k) {
 
 at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
   constexpr const char* op = "ties_merge";
-  check_list(op, "pretrained", at::TensorList(pretrained));
-  check_list(op, "task_vectors", task_vectors, &pretrained);
+  check_ties_merge_args(pretrained, task_vectors, density);
   check_cpu(op, pretrained);
-  TORCH_CHECK(density > 0 && density <= 1, op, ": density must be in (0, 1], got ", density);
   const at::Tensor pre = pretrained.contiguous();
   const auto ts = contiguous_all(task_vectors);
   at::Tensor out = new_output(pre);
@@ -363,9 +350,8 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
 // ---- dare: drop with probability p (counter-based hash of (seed, index)), rescale by 1/(1-p) ----------
 at::Tensor dare_cpu(const at::Tensor& task_vector, double p, int64_t seed) {
   constexpr const char* op = "dare";
-  check_list(op, "task_vector", at::TensorList(task_vector));
+  check_dare_args(task_vector, p);
   check_cpu(op, task_vector);
-  TORCH_CHECK(p >= 0 && p < 1, op, ": p must be in [0, 1), got ", p);
   const at::Tensor t = task_vector.contiguous();
   at::Tensor out = new_output(t);
   const uint64_t key = dare_key(seed);

@@ -42,10 +42,8 @@ void check_launch(const char* op, cudaError_t err) {
 
 at::Tensor weighted_sum_cuda(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
   constexpr const char* op = "weighted_sum";
-  check_list(op, "tensors", tensors);
-  check_count(op, "weights", weights.size(), tensors.size());
+  check_weighted_sum_args(tensors, weights, base);
   check_cuda(op, tensors[0]);
-  if (base.has_value()) check_list(op, "base", at::TensorList(*base), &tensors[0]);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const auto ins = contiguous_all(tensors);
   const at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
@@ -67,12 +65,8 @@ at::Tensor weighted_sum_cuda(at::TensorList tensors, at::ArrayRef<double> weight
 at::Tensor fisher_merge_cuda(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
                              c10::string_view fallback) {
   constexpr const char* op = "fisher_merge";
-  check_list(op, "params", params);
-  check_list(op, "fishers", fishers, &params[0], /*allow_fp32=*/true);
-  check_count(op, "fishers", fishers.size(), params.size());
-  check_count(op, "weights", weights.size(), params.size());
+  check_fisher_merge_args(params, fishers, weights, eps);
   check_cuda(op, params[0]);
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto ps = contiguous_all(params);
   const auto fs = contiguous_all(fishers);
@@ -100,13 +94,8 @@ at::Tensor fisher_merge_cuda(at::TensorList params, at::TensorList fishers, at::
 at::Tensor dfmerge_combine_cuda(const at::Tensor& pretrained, at::TensorList task_vectors, at::TensorList fishers,
                                 at::ArrayRef<double> lambdas, double eps) {
   constexpr const char* op = "dfmerge_combine";
-  check_list(op, "pretrained", at::TensorList(pretrained));
-  check_list(op, "task_vectors", task_vectors, &pretrained);
-  check_list(op, "fishers", fishers, &pretrained, /*allow_fp32=*/true);
-  check_count(op, "fishers", fishers.size(), task_vectors.size());
-  check_count(op, "lambdas", lambdas.size(), task_vectors.size());
+  check_dfmerge_combine_args(pretrained, task_vectors, fishers, lambdas, eps);
   check_cuda(op, pretrained);
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(pretrained.device());
   const at::Tensor pre = pretrained.contiguous();
   const auto ts = contiguous_all(task_vectors);
@@ -131,10 +120,8 @@ at::Tensor dfmerge_combine_cuda(const at::Tensor& pretrained, at::TensorList tas
 
 at::Tensor ties_merge_cuda(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
   constexpr const char* op = "ties_merge";
-  check_list(op, "pretrained", at::TensorList(pretrained));
-  check_list(op, "task_vectors", task_vectors, &pretrained);
+  check_ties_merge_args(pretrained, task_vectors, density);
   check_cuda(op, pretrained);
-  TORCH_CHECK(density > 0 && density <= 1, op, ": density must be in (0, 1], got ", density);
   const c10::cuda::CUDAGuard guard(pretrained.device());
   const at::Tensor pre = pretrained.contiguous();
   const auto ts = contiguous_all(task_vectors);
@@ -166,9 +153,8 @@ at::Tensor ties_merge_cuda(const at::Tensor& pretrained, at::TensorList task_vec
 
 at::Tensor dare_cuda(const at::Tensor& task_vector, double p, int64_t seed) {
   constexpr const char* op = "dare";
-  check_list(op, "task_vector", at::TensorList(task_vector));
+  check_dare_args(task_vector, p);
   check_cuda(op, task_vector);
-  TORCH_CHECK(p >= 0 && p < 1, op, ": p must be in [0, 1), got ", p);
   const c10::cuda::CUDAGuard guard(task_vector.device());
   const at::Tensor t = task_vector.contiguous();
   at::Tensor out = new_output(t);

@@ -64,4 +64,47 @@ inline int64_t ties_keep_count(int64_t n, double density) {
   return k < 1 ? 1 : k;
 }
 
+// ---- each op's argument checks, one place for the CPU and CUDA implementations ---------------------
+inline void check_weighted_sum_args(at::TensorList tensors, at::ArrayRef<double> weights,
+                                    const c10::optional<at::Tensor>& base) {
+  constexpr const char* op = "weighted_sum";
+  check_list(op, "tensors", tensors);
+  check_count(op, "weights", weights.size(), tensors.size());
+  if (base.has_value()) check_list(op, "base", at::TensorList(*base), &tensors[0]);
+}
+
+inline void check_fisher_merge_args(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights,
+                                    double eps) {
+  constexpr const char* op = "fisher_merge";
+  check_list(op, "params", params);
+  check_list(op, "fishers", fishers, &params[0], /*allow_fp32=*/true);
+  check_count(op, "fishers", fishers.size(), params.size());
+  check_count(op, "weights", weights.size(), params.size());
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
+inline void check_dfmerge_combine_args(const at::Tensor& pretrained, at::TensorList task_vectors,
+                                       at::TensorList fishers, at::ArrayRef<double> lambdas, double eps) {
+  constexpr const char* op = "dfmerge_combine";
+  check_list(op, "pretrained", at::TensorList(pretrained));
+  check_list(op, "task_vectors", task_vectors, &pretrained);
+  check_list(op, "fishers", fishers, &pretrained, /*allow_fp32=*/true);
+  check_count(op, "fishers", fishers.size(), task_vectors.size());
+  check_count(op, "lambdas", lambdas.size(), task_vectors.size());
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
+inline void check_ties_merge_args(const at::Tensor& pretrained, at::TensorList task_vectors, double density) {
+  constexpr const char* op = "ties_merge";
+  check_list(op, "pretrained", at::TensorList(pretrained));
+  check_list(op, "task_vectors", task_vectors, &pretrained);
+  TORCH_CHECK(density > 0 && density <= 1, op, ": density must be in (0, 1], got ", density);
+}
+
+inline void check_dare_args(const at::Tensor& task_vector, double p) {
+  constexpr const char* op = "dare";
+  check_list(op, "task_vector", at::TensorList(task_vector));
+  TORCH_CHECK(p >= 0 && p < 1, op, ": p must be in [0, 1), got ", p);
+}
+
 }  // namespace pymerge
