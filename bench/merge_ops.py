@@ -96,7 +96,7 @@ def row(op, device, dtype, m, n, fused_t, eager_t, nbytes, ceilings):
     ceil_gbs, clone_gbs = ceilings
     fused_gbs = nbytes / fused_t / 1e9
     eager_gbs = nbytes / eager_t / 1e9 if eager_t else float("nan")
-    print(f"{device:4s} {op:15s} {str(dtype).replace('torch.', ''):8s} M={m:<2d} N={n / 1e6:6.1f}M  "
+    print(f"{device:4s} {op:16s} {str(dtype).replace('torch.', ''):8s} M={m:<2d} N={n / 1e6:6.1f}M  "
           f"fused {fused_t * 1e3:8.2f} ms {fused_gbs:7.2f} GB/s | eager {eager_t * 1e3:9.2f} ms {eager_gbs:7.2f} GB/s | "
           f"copy {ceil_gbs:6.2f} clone {clone_gbs:6.2f} GB/s | fused/copy {fused_gbs / ceil_gbs:5.0%} "
           f"fused/clone {fused_gbs / clone_gbs:5.0%}  eager/fused {eager_t / fused_t:6.1f}x",
@@ -125,8 +125,12 @@ def bench_fisher(device, dtype, m, n, repeats):
     w = [1.0 / m] * m
     fused_t = timeit(lambda: ops.fisher_merge(params, fishers, w), device, repeats)
     eager_t = timeit(lambda: eager_fisher(params, fishers, w), device, max(1, repeats // 2))
-    row("fisher_merge", device, dtype, m, n, fused_t, eager_t, nbytes, ceiling(nbytes, dtype, device, repeats))
-    del params, fishers
+    ceilings = ceiling(nbytes, dtype, device, repeats)
+    row("fisher_merge", device, dtype, m, n, fused_t, eager_t, nbytes, ceilings)
+    buf = torch.empty_like(params[0])  # out=: one reused output buffer, no fresh allocation per call
+    out_t = timeit(lambda: ops.fisher_merge(params, fishers, w, out=buf), device, repeats)
+    row("fisher_merge+out", device, dtype, m, n, out_t, eager_t, nbytes, ceilings)
+    del params, fishers, buf
 
 
 def bench_others(device, dtype, m, n, repeats):

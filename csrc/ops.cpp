@@ -9,6 +9,11 @@ TORCH_LIBRARY(pymerge, m) {
   m.def("dfmerge_combine(Tensor pretrained, Tensor[] task_vectors, Tensor[] fishers, float[] lambdas, float eps) -> Tensor");
   // base + sum_i w_i t_i (averaging, task arithmetic, general task arithmetic).
   m.def("weighted_sum(Tensor[] tensors, float[] weights, Tensor? base) -> Tensor");
+  // The same three writing into the caller's `out` (reused buffers: no fresh allocation per call). CPU kernels;
+  // elsewhere pymerge.ops computes and copies.
+  m.def("weighted_sum_out(Tensor[] tensors, float[] weights, Tensor? base, Tensor(a!) out) -> ()");
+  m.def("fisher_merge_out(Tensor[] params, Tensor[] fishers, float[] weights, float eps, str fallback, Tensor(a!) out) -> ()");
+  m.def("dfmerge_combine_out(Tensor pretrained, Tensor[] task_vectors, Tensor[] fishers, float[] lambdas, float eps, Tensor(a!) out) -> ()");
   // TIES: trim to top-density magnitudes, elect sign by mass, disjoint mean, scale by lam.
   m.def("ties_merge(Tensor pretrained, Tensor[] task_vectors, float density, float lam) -> Tensor");
   // DARE: drop with probability p, rescale by 1/(1-p); counter-based RNG, same mask on every device.

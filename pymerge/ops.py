@@ -136,6 +136,17 @@ def _use_kernel(name: str, t: torch.Tensor) -> bool:
     return _kernel_for(name, t.device.type)
 
 
+def _check_out(out, like: torch.Tensor, like_name: str) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
+    for what, got, want in (("shape", tuple(out.shape), tuple(like.shape)), ("dtype", out.dtype, like.dtype),
+                            ("device", out.device, like.device)):
+        if got != want:
+            raise ValueError(f"out: {what} {got} does not match {like_name} {what} {want}")
+    if not out.is_contiguous():
+        raise ValueError("out: must be contiguous")
+
+
 def _fake_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(t.shape)  # the kernels return a fresh contiguous tensor of the params' shape and dtype
 
@@ -153,12 +164,22 @@ def weighted_sum_reference(tensors, weights, base=None):
     return acc.to(tensors[0].dtype)
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: Optional[torch.Tensor] = None):
-    """base + Σ_i w_i t_i in one pass (averaging, task arithmetic, general task arithmetic)."""
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: Optional[torch.Tensor] = None,
+                 *, out: Optional[torch.Tensor] = None):
+    """base + Σ_i w_i t_i in one pass (averaging, task arithmetic, general task arithmetic).
+
+    out: a contiguous tensor to write into and return (reusing one buffer spares a fresh allocation per call).
+    """
     _check_list("tensors", tensors)
     weights = _check_numbers("weights", weights, len(tensors), "tensor")
     if base is not None:
         _check_tensor("base", base, tensors[0], "tensors[0]")
+    if out is not None:
+        _check_out(out, tensors[0], "tensors[0]")
+        if _use_kernel("weighted_sum_out", out):
+            torch.ops.pymerge.weighted_sum_out(list(tensors), weights, base, out)
+            return out
+        return out.copy_(weighted_sum(tensors, weights, base))
     if _use_kernel("weighted_sum", tensors[0]):
         return torch.ops.pymerge.weighted_sum(list(tensors), weights, base)
     return weighted_sum_reference(tensors, weights, base)
@@ -190,12 +211,14 @@ def fisher_merge_reference(params, fishers, weights=None, eps=1e-8, fallback="ta
 
 def fisher_merge(params: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
                  weights: Optional[Sequence[float]] = None, eps: float = 1e-8,
-                 fallback: Literal["target", "average"] = "target", check_finite: bool = False) -> torch.Tensor:
+                 fallback: Literal["target", "average"] = "target", check_finite: bool = False, *,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fisher-weighted average θ* = Σ λ_i F_i θ_i / Σ λ_i F_i, per element, in one pass.
 
     Where Σ λ_i F_i <= eps the element falls back to params[0] ("target") or to the λ-weighted mean
     Σ λ_i θ_i / Σ λ_i ("average"). weights (λ) default to 1/M. fishers may be float32 beside fp16 / bf16
     params. A NaN Fisher makes its element fall back silently: pass check_finite=True to reject NaN / Inf.
+    out: a contiguous tensor to write into and return (reusing one buffer spares a fresh allocation per call).
     """
     _check_list("params", params)
     _check_fishers(fishers, "params", params[0], len(params))
@@ -209,6 +232,12 @@ def fisher_merge(params: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor]
     if check_finite:
         _check_finite("params", params)
         _check_finite("fishers", fishers)
+    if out is not None:
+        _check_out(out, params[0], "params[0]")
+        if _use_kernel("fisher_merge_out", out):
+            torch.ops.pymerge.fisher_merge_out(list(params), list(fishers), weights, eps, fallback, out)
+            return out
+        return out.copy_(fisher_merge(params, fishers, weights, eps, fallback))
     if _use_kernel("fisher_merge", params[0]):
         return torch.ops.pymerge.fisher_merge(list(params), list(fishers), weights, eps, fallback)
     return fisher_merge_reference(params, fishers, weights, eps, fallback)
@@ -234,11 +263,12 @@ def dfmerge_combine_reference(pretrained, task_vectors, fishers, lambdas, eps=1e
 
 
 def dfmerge_combine(pretrained: torch.Tensor, task_vectors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
-                    lambdas: Sequence[float], eps: float = 1e-8, check_finite: bool = False) -> torch.Tensor:
+                    lambdas: Sequence[float], eps: float = 1e-8, check_finite: bool = False, *,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DF-Merge eq. 8: θ_pre + M Σ_i F_i λ_i τ_i / Σ_i F_i, per element, in one pass.
 
     fishers[i] is the Fisher estimated at θ_pre + λ_i τ_i. Where Σ F_i <= eps the element falls back to
-    θ_pre + Σ λ_i τ_i (general task arithmetic).
+    θ_pre + Σ λ_i τ_i (general task arithmetic). out: as in fisher_merge.
     """
     _check_tensor("pretrained", pretrained)
     _check_list("task_vectors", task_vectors, ref=pretrained, ref_name="pretrained")
@@ -249,6 +279,12 @@ def dfmerge_combine(pretrained: torch.Tensor, task_vectors: Sequence[torch.Tenso
         _check_finite("pretrained", pretrained)
         _check_finite("task_vectors", task_vectors)
         _check_finite("fishers", fishers)
+    if out is not None:
+        _check_out(out, pretrained, "pretrained")
+        if _use_kernel("dfmerge_combine_out", out):
+            torch.ops.pymerge.dfmerge_combine_out(pretrained, list(task_vectors), list(fishers), lambdas, eps, out)
+            return out
+        return out.copy_(dfmerge_combine(pretrained, task_vectors, fishers, lambdas, eps))
     if _use_kernel("dfmerge_combine", pretrained):
         return torch.ops.pymerge.dfmerge_combine(pretrained, list(task_vectors), list(fishers), lambdas, eps)
     return dfmerge_combine_reference(pretrained, task_vectors, fishers, lambdas, eps)
@@ -389,6 +425,18 @@ if _HAS_EXT:
     def _dfmerge_combine_fake(pretrained, task_vectors, fishers, lambdas, eps):
         return _fake_like(pretrained)
 
+    @torch.library.register_fake("pymerge::weighted_sum_out")
+    def _weighted_sum_out_fake(tensors, weights, base, out):
+        return None
+
+    @torch.library.register_fake("pymerge::fisher_merge_out")
+    def _fisher_merge_out_fake(params, fishers, weights, eps, fallback, out):
+        return None
+
+    @torch.library.register_fake("pymerge::dfmerge_combine_out")
+    def _dfmerge_combine_out_fake(pretrained, task_vectors, fishers, lambdas, eps, out):
+        return None
+
     @torch.library.register_fake("pymerge::ties_merge")
     def _ties_merge_fake(pretrained, task_vectors, density, lam):
         return _fake_like(pretrained)
@@ -398,7 +446,8 @@ if _HAS_EXT:
         return _fake_like(task_vector)
 
 # Resolve the kernel lookups now, so torch.compile (fullgraph) traces the wrappers without calling into them.
-for _name in ("weighted_sum", "fisher_merge", "dfmerge_combine", "ties_merge", "dare"):
+for _name in ("weighted_sum", "fisher_merge", "dfmerge_combine", "ties_merge", "dare",
+              "weighted_sum_out", "fisher_merge_out", "dfmerge_combine_out"):
     for _dev in ("cpu", "cuda", "meta"):
         _kernel_for(_name, _dev)
 

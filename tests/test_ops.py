@@ -308,10 +308,13 @@ def opcheck_cases():
         (torch.ops.pymerge.dfmerge_combine.default, (ps[0], ps[1:], fs[1:], [0.4, 0.6], 1e-8)),
         (torch.ops.pymerge.ties_merge.default, (ps[0], ps[1:], 0.3, 1.0)),
         (torch.ops.pymerge.dare.default, (ps[0], 0.4, 17)),
+        (torch.ops.pymerge.weighted_sum_out.default, (ps, [0.1, 0.2, 0.3], ps[0], torch.empty(5, 7))),
+        (torch.ops.pymerge.fisher_merge_out.default, (ps, fs, [0.2, 0.3, 0.5], 1e-8, "average", torch.empty(5, 7))),
+        (torch.ops.pymerge.dfmerge_combine_out.default, (ps[0], ps[1:], fs[1:], [0.4, 0.6], 1e-8, torch.empty(5, 7))),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -426,3 +429,39 @@ def test_half_conversions_are_exact_for_every_bit_pattern(dtype):
     b = allbits[ok][torch.randperm(int(ok.sum()), generator=gen)]
     for w in (1.0, 0.3, 1e-3, 7.0):
         same_bits(ops.weighted_sum([a, b], [w, 1.0]), ops.weighted_sum_reference([a, b], [w, 1.0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# out=: the result is written into the caller's buffer, equal to the functional op
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fallback", ["target", "average"])
+def test_out_variants_write_the_functional_result(dtype, fallback):
+    gen = torch.Generator().manual_seed(11)
+    ps = [torch.randn(33, 65, generator=gen).to(dtype) for _ in range(3)]
+    fs = [torch.rand(33, 65, generator=gen).to(dtype) for _ in range(3)]
+    fs[0][:4] = 0
+    fs[1][:4] = 0
+    fs[2][:4] = 0  # a zero-Fisher region: the fallback runs there too
+    cases = [
+        (lambda **kw: ops.weighted_sum(ps, [0.2, -1.0, 0.7], ps[0], **kw)),
+        (lambda **kw: ops.fisher_merge(ps, fs, [0.2, 0.3, 0.5], fallback=fallback, **kw)),
+        (lambda **kw: ops.dfmerge_combine(ps[0], ps[1:], fs[1:], [0.4, 0.6], **kw)),
+    ]
+    for fn in cases:
+        buf = torch.full((33, 65), float("nan"), dtype=dtype)
+        got = fn(out=buf)
+        assert got is buf
+        torch.testing.assert_close(buf, fn(), rtol=0, atol=0)
+
+
+def test_out_must_match_and_be_contiguous():
+    ps = [torch.randn(4, 6) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"out: shape \(6, 4\) does not match params\[0\] shape \(4, 6\)"):
+        ops.fisher_merge(ps, ps, out=torch.empty(6, 4))
+    with pytest.raises(ValueError, match="out: dtype torch.bfloat16 does not match tensors"):
+        ops.weighted_sum(ps, [1.0, 1.0], out=torch.empty(4, 6, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out: must be contiguous"):
+        ops.dfmerge_combine(ps[0], ps, ps, [1.0, 1.0], out=torch.empty(6, 4).t())
+    with pytest.raises(RuntimeError, match="fisher_merge: out: shape"):  # the C++ check, for LibTorch callers
+        torch.ops.pymerge.fisher_merge_out(ps, ps, [0.5, 0.5], 1e-8, "target", torch.empty(3))

@@ -112,13 +112,16 @@ void check_cpu(const char* op, const at::Tensor& t) {
 }
 
 // ---- weighted_sum: base + Σ w_i t_i ---------------------------------------------------------------
-at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
+// `into`: the caller's output (the *_out ops), else a new tensor.
+at::Tensor weighted_sum_impl(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base,
+                             const at::Tensor* into) {
   constexpr const char* op = "weighted_sum";
   check_weighted_sum_args(tensors, weights, base);
   check_cpu(op, tensors[0]);
   const auto ins = contiguous_all(tensors);
   const at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
-  at::Tensor out = new_output(ins[0]);
+  if (into) check_out(op, *into, ins[0]);
+  at::Tensor out = into ? *into : new_output(ins[0]);
   const int m = static_cast<int>(ins.size());
   const std::vector<float> w(weights.begin(), weights.end());
   dispatch_p(out.scalar_type(), op, [&]<typename P, typename>() {
@@ -147,15 +150,16 @@ at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights
 }
 
 // ---- fisher_merge: Σ λ_i F_i θ_i / Σ λ_i F_i with a zero-Fisher fallback ----------------------------
-at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
-                            c10::string_view fallback) {
+at::Tensor fisher_merge_impl(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+                             c10::string_view fallback, const at::Tensor* into) {
   constexpr const char* op = "fisher_merge";
   check_fisher_merge_args(params, fishers, weights, eps);
   check_cpu(op, params[0]);
   const Fallback fb = parse_fallback(op, fallback);
   const auto ps = contiguous_all(params);
   const auto fs = contiguous_all(fishers);
-  at::Tensor out = new_output(ps[0]);
+  if (into) check_out(op, *into, ps[0]);
+  at::Tensor out = into ? *into : new_output(ps[0]);
   const int m = static_cast<int>(ps.size());
   const std::vector<float> w(weights.begin(), weights.end());
   double wsum_d = 0;
@@ -202,15 +206,16 @@ at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, at::A
 }
 
 // ---- dfmerge_combine: θ_pre + M Σ F_i λ_i τ_i / Σ F_i, else θ_pre + Σ λ_i τ_i ------------------------
-at::Tensor dfmerge_combine_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, at::TensorList fishers,
-                               at::ArrayRef<double> lambdas, double eps) {
+at::Tensor dfmerge_combine_impl(const at::Tensor& pretrained, at::TensorList task_vectors, at::TensorList fishers,
+                                at::ArrayRef<double> lambdas, double eps, const at::Tensor* into) {
   constexpr const char* op = "dfmerge_combine";
   check_dfmerge_combine_args(pretrained, task_vectors, fishers, lambdas, eps);
   check_cpu(op, pretrained);
   const at::Tensor pre = pretrained.contiguous();
   const auto ts = contiguous_all(task_vectors);
   const auto fs = contiguous_all(fishers);
-  at::Tensor out = new_output(pre);
+  if (into) check_out(op, *into, pre);
+  at::Tensor out = into ? *into : new_output(pre);
   const int m = static_cast<int>(ts.size());
   const float mf = static_cast<float>(m);
   const std::vector<float> lam(lambdas.begin(), lambdas.end());
@@ -367,9 +372,39 @@ at::Tensor dare_cpu(const at::Tensor& task_vector, double p, int64_t seed) {
   return out;
 }
 
+
+// The functional ops return a new tensor; the *_out ops write into the caller's (reused) output, which spares
+// the first-touch page faults of a fresh allocation on every call (they dominate large CPU merges).
+at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
+  return weighted_sum_impl(tensors, weights, base, nullptr);
+}
+void weighted_sum_out_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base,
+                          at::Tensor& out) {
+  weighted_sum_impl(tensors, weights, base, &out);
+}
+at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+                            c10::string_view fallback) {
+  return fisher_merge_impl(params, fishers, weights, eps, fallback, nullptr);
+}
+void fisher_merge_out_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+                          c10::string_view fallback, at::Tensor& out) {
+  fisher_merge_impl(params, fishers, weights, eps, fallback, &out);
+}
+at::Tensor dfmerge_combine_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, at::TensorList fishers,
+                               at::ArrayRef<double> lambdas, double eps) {
+  return dfmerge_combine_impl(pretrained, task_vectors, fishers, lambdas, eps, nullptr);
+}
+void dfmerge_combine_out_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, at::TensorList fishers,
+                             at::ArrayRef<double> lambdas, double eps, at::Tensor& out) {
+  dfmerge_combine_impl(pretrained, task_vectors, fishers, lambdas, eps, &out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pymerge, CPU, m) {
+  m.impl("weighted_sum_out", &weighted_sum_out_cpu);
+  m.impl("fisher_merge_out", &fisher_merge_out_cpu);
+  m.impl("dfmerge_combine_out", &dfmerge_combine_out_cpu);
   m.impl("weighted_sum", &weighted_sum_cpu);
   m.impl("fisher_merge", &fisher_merge_cpu);
   m.impl("dfmerge_combine", &dfmerge_combine_cpu);

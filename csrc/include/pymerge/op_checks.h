@@ -64,6 +64,15 @@ inline int64_t ties_keep_count(int64_t n, double density) {
   return k < 1 ? 1 : k;
 }
 
+// The caller's output of a *_out op: contiguous, with the shape, dtype and device of ref.
+inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& ref) {
+  TORCH_CHECK(out.sizes() == ref.sizes(), op, ": out: shape ", out.sizes(), " does not match ", ref.sizes());
+  TORCH_CHECK(out.scalar_type() == ref.scalar_type(), op, ": out: dtype ", out.scalar_type(), " does not match ",
+              ref.scalar_type());
+  TORCH_CHECK(out.device() == ref.device(), op, ": out: device ", out.device(), " does not match ", ref.device());
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+}
+
 // ---- each op's argument checks, one place for the CPU and CUDA implementations ---------------------
 inline void check_weighted_sum_args(at::TensorList tensors, at::ArrayRef<double> weights,
                                     const c10::optional<at::Tensor>& base) {
