@@ -3,7 +3,6 @@ from pymerge import ops  # noqa: F401
 
 __version__ = "0.1.0"
 
-# The streaming merge engine: `pymerge.merge(config, out_dir, force=False)`. The submodule pymerge.merge is
-# imported first so that the name `pymerge.merge` ends up bound to the function, not to the module.
-from pymerge import merge as _merge_module  # noqa: E402
+# The streaming merge engine: `pymerge.merge(config, out_dir, force=False)`. Importing from the submodule binds
+# the name `pymerge.merge` to the function (the import sets the module attribute first, then this rebinds it).
 from pymerge.merge import merge, merge_state_dicts, plan_merge  # noqa: E402,F401

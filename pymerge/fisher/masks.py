@@ -458,13 +458,16 @@ def mask_fisher_to_parameters(model: nn.Module, mask_fisher: MaskFisher, *,
         b = getattr(proj.module, "bias", None)
         return w, (tensors[names[id(b)]] if b is not None else None)
 
+    def values_for(table, name, count, unit, where):  # one block's mask Fisher, checked against the model
+        values = table.get(name)
+        if values is None:
+            raise KeyError(f"mask Fisher has no {unit} values for {where} {name!r}")
+        if values.numel() != count:
+            raise ValueError(f"mask Fisher for {name!r}: {values.numel()} {unit}s, model has {count}")
+        return values.float().cpu()
+
     for block in structure.attention:
-        heads = mask_fisher.heads.get(block.name)
-        if heads is None:
-            raise KeyError(f"mask Fisher has no head values for attention block {block.name!r}")
-        if heads.numel() != block.num_heads:
-            raise ValueError(f"mask Fisher for {block.name!r}: {heads.numel()} heads, model has {block.num_heads}")
-        heads = heads.float().cpu()
+        heads = values_for(mask_fisher.heads, block.name, block.num_heads, "head", "attention block")
         per_q = heads.repeat_interleave(block.head_dim)  # head h covers features [h*dh, (h+1)*dh)
         per_kv = heads.view(block.num_kv_heads, block.kv_group).mean(1).repeat_interleave(block.head_dim)
         for target, proj, values in (("q", block.q, per_q), ("k", block.k, per_kv), ("v", block.v, per_kv)):
@@ -473,12 +476,7 @@ def mask_fisher_to_parameters(model: nn.Module, mask_fisher: MaskFisher, *,
         if "o" in mapping.attention:
             _set_in_columns(blocks_of(block.out)[0], block.out, per_q)
     for ffn in structure.ffn:
-        neurons = mask_fisher.neurons.get(ffn.name)
-        if neurons is None:
-            raise KeyError(f"mask Fisher has no neuron values for FFN {ffn.name!r}")
-        if neurons.numel() != ffn.width:
-            raise ValueError(f"mask Fisher for {ffn.name!r}: {neurons.numel()} neurons, model has {ffn.width}")
-        neurons = neurons.float().cpu()
+        neurons = values_for(mask_fisher.neurons, ffn.name, ffn.width, "neuron", "FFN")
         if "in" in mapping.ffn:
             for proj in ffn.inputs:
                 _set_out_rows(*blocks_of(proj), proj, neurons)
