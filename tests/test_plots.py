@@ -186,6 +186,7 @@ def _tiny_models():
     return base, fts
 
 
+@pytest.mark.slow
 def test_landscape_grid_equals_an_independent_evaluation():
     pytest.importorskip("pymerge.search", reason="the landscape's evaluation comes from pymerge.search")
     import copy
@@ -202,8 +203,8 @@ def test_landscape_grid_equals_an_independent_evaluation():
     tasks = [Task(name, validation=[{"input_ids": [rng.randrange(1, 50) for _ in range(6)], "label": rng.randrange(c)}
                                     for _ in range(10)], num_labels=c)
              for name, c in (("two", 2), ("three", 3))]
-    grid = landscape_grid(base, fts, tasks, resolution=3, bounds=(0.2, 1.0), fisher_examples=4, progress=False)
-    assert grid["axis"] == pytest.approx([0.2, 0.6, 1.0]) and grid["tasks"] == ["two", "three"]
+    grid = landscape_grid(base, fts, tasks, resolution=2, bounds=(0.2, 1.0), fisher_examples=4, progress=False)
+    assert grid["axis"] == pytest.approx([0.2, 1.0]) and grid["tasks"] == ["two", "three"]
     for key in ("general_task_arithmetic", "dfmerge"):  # not constant, so a transposed grid would be caught
         assert len({v for row in grid[key] for v in row}) > 1
     pre = {n: p.detach() for n, p in base.named_parameters()}
@@ -219,7 +220,7 @@ def test_landscape_grid_equals_an_independent_evaluation():
     def mean_score(body):
         return sum(evaluate(with_body(i, body), tasks[i]) for i in range(2)) / 2
 
-    for (i, l1), (j, l2) in [((0, 0.2), (2, 1.0)), ((1, 0.6), (1, 0.6)), ((2, 1.0), (0, 0.2))]:
+    for (i, l1), (j, l2) in [((0, 0.2), (1, 1.0)), ((1, 1.0), (0, 0.2)), ((1, 1.0), (1, 1.0))]:
         lams = (l1, l2)
         gta = {n: pre[n] + l1 * (bodies[0][n] - pre[n]) + l2 * (bodies[1][n] - pre[n]) for n in pre}
         assert grid["general_task_arithmetic"][j][i] == pytest.approx(mean_score(gta), abs=1e-12)
