@@ -56,6 +56,7 @@ class DemoSettings:
     ta_grid: Sequence[float] = TA_GRID
     ties_grid: Sequence[float] = TIES_GRID
     dare_p_grid: Sequence[float] = DARE_P_GRID
+    dare_lambda_window: Optional[float] = 0.1   # DARE: λ within ±0.1 of TA's choice (None: the whole TA grid)
     landscape_resolution: int = 5
     landscape_examples: int = 60          # validation examples per task for the landscape plot
     seed: int = 0
@@ -234,8 +235,12 @@ def run_baselines(base_model, finetuned, tasks, evaluator: Evaluator, settings: 
     record("ties", *res, t0)
 
     t0 = time.perf_counter()
+    # λ from the TA grid within dare_lambda_window of task arithmetic's choice (all of it when None) x p;
     # λ = 0 is the pretrained body whatever p is: evaluated once
-    points = [{"p": p, "lambda": v} for p in settings.dare_p_grid for v in settings.ta_grid
+    lam_ta = out["task_arithmetic"]["chosen"]["lambda"]
+    lams = [v for v in settings.ta_grid if settings.dare_lambda_window is None
+            or abs(v - lam_ta) <= settings.dare_lambda_window + 1e-9]
+    points = [{"p": p, "lambda": v} for p in settings.dare_p_grid for v in lams
               if v > 0 or p == settings.dare_p_grid[0]]
     res = _grid_search("dare", points, lambda p: {
         "merge_method": "dare", "base_model": base_model, "models": members,
