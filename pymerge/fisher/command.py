@@ -1,2 +1,3 @@
 """Compatibility module: the `pymerge fisher` command lives in pymerge.commands.fisher."""
 from pymerge.commands.fisher import add_arguments, main, run  # noqa: F401
+from pymerge.commands.stats import make_batches, read_rows  # noqa: F401

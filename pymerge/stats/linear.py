@@ -17,7 +17,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from pymerge.errors import PymergeError
 from pymerge.stats.rules import _conv1d_type
+
+
+class StatisticsTooLarge(PymergeError, MemoryError):
+    """The per-layer matrices of a statistic would not fit in memory (raised before any work)."""
 
 
 def linear_layers(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, nn.Module]:
@@ -68,7 +73,7 @@ def _gib(n: float) -> str:
 
 def check_memory(kind: str, layers: Dict[str, nn.Module], matrices, device: torch.device, acc_dtype: torch.dtype,
                  max_memory_bytes: Optional[int] = None) -> int:
-    """Refuse (MemoryError, with the numbers) when the per-layer matrices cannot fit; return the bytes needed.
+    """Refuse (StatisticsTooLarge, a MemoryError, with the numbers) when the per-layer matrices cannot fit; return the bytes needed.
 
     matrices(d', k) -> list of matrix sides per layer (gram: [d'], kfac: [d', k]). Counted: the accumulators
     (acc_dtype, on `device`) and the fp32 results."""
@@ -84,7 +89,7 @@ def check_memory(kind: str, layers: Dict[str, nn.Module], matrices, device: torc
     if need > budget:
         top = sorted(per_layer, reverse=True)[:3]
         biggest = ", ".join(f"{n} {'+'.join(f'{s}x{s}' for s in sides)}" for _, n, sides in top)
-        raise MemoryError(f"{kind} statistics of {len(layers)} linear layers need {_gib(need)} "
+        raise StatisticsTooLarge(f"{kind} statistics of {len(layers)} linear layers need {_gib(need)} "
                           f"({elems:,} matrix entries, accumulated in {str(acc_dtype).replace('torch.', '')} plus "
                           f"fp32 results) but only {_gib(budget)} are {what}; largest layers: {biggest}. Leave "
                           f"layers out with exclude=[pattern, ...] (CLI: --exclude), e.g. the LM head")
