@@ -57,26 +57,12 @@ def collect(model, batch, kind, **kw):
     return run
 
 
-def unblocked(fn):
-    """The same collection with every symmetric product as one full GEMM (no upper-block saving)."""
-    import pymerge.stats.linear as linear
-
-    def run():
-        old, linear.SYM_BLOCK = linear.SYM_BLOCK, 1 << 30
-        try:
-            fn()
-        finally:
-            linear.SYM_BLOCK = old
-    return run
-
-
 def bench_model(name, model, batch, device, reps):
     model = model.to(device).eval()
     runs = [("plain fwd+bwd (floor)", plain_fwd_bwd(model, batch)),
             ("plain forward (no grad)", plain_forward(model, batch)),
             ("gram", collect(model, batch, "gram")),
             ("kfac empirical", collect(model, batch, "kfac")),
-            ("kfac empirical, full GEMMs", unblocked(collect(model, batch, "kfac"))),
             ("kfac exact (C=2)", collect(model, batch, "kfac", mode="exact")),
             ("fisher empirical (diag)", collect(model, batch, "fisher", mode="empirical"))]
     n, t = batch["input_ids"].shape

@@ -142,21 +142,6 @@ def test_kfac_default_mode_is_empirical_and_causal_lm_tokens():
         _close(got[n + ".kfac_out"], ref_g[n], n)
 
 
-@pytest.mark.parametrize("kind", ["gram", "kfac"])
-def test_blocked_symmetric_products_equal_the_plain_ones(monkeypatch, kind):
-    """Wide layers accumulate only the upper blocks of zᵀz / gᵀg: forced here on tiny layers (16, 48, 64 wide),
-    uneven blocks included, against the plain products that the slow references check above."""
-    import pymerge.stats.linear as linear
-
-    model, batches = fm.gpt2_classifier(), _batches()
-    plain = ps.collect(model, batches, kind=kind)
-    monkeypatch.setattr(linear, "SYM_BLOCK", 7)  # 16 -> blocks of 6, 6, 4; 64 -> nine blocks of 7 and one of 1
-    blocked = ps.collect(model, batches, kind=kind)
-    for k in plain.keys():
-        torch.testing.assert_close(blocked[k], plain[k], rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(blocked[k], blocked[k].T)
-
-
 def test_low_precision_model_accumulates_in_fp32():
     model, batches = fm.bert(dtype=torch.float64), _batches()
     ref = ps.collect(model, batches, kind="gram")

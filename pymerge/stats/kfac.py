@@ -39,7 +39,7 @@ def collect_kfac(model, batches, *, mode: str = "empirical", num_samples: int = 
     rows = linear.TokenRows()
 
     def on_grad(call, g):
-        linear.add_upper_gram_(grams[call.name], rows.select(call.name, g).to(dtype))
+        linear.add_gram_(grams[call.name], rows.select(call.name, g).to(dtype))
 
     examples = 0
     with FrozenParameters(model), LayerCapture(layers) as capture:
@@ -74,7 +74,7 @@ def collect_kfac(model, batches, *, mode: str = "empirical", num_samples: int = 
     tensors = {}
     for n in names:
         tensors[n + ".kfac_in"] = moments.mean_(n, tokens[n])
-        tensors[n + ".kfac_out"] = linear.mirror_(grams[n], grams[n].shape[0]).div_(max(tokens[n], 1.0)).float().cpu()
+        tensors[n + ".kfac_out"] = grams[n].div_(max(tokens[n], 1.0)).float().cpu()
     metadata = base_metadata("kfac", mode, examples, model)
     metadata["layers"] = linear.layer_metadata(layers, tokens)
     metadata["length_normalize"] = str(bool(length_normalize))

@@ -147,32 +147,17 @@ class TokenRows:
         return flat
 
 
-# ------------------------------------------------------------------------------------------ symmetric products
-SYM_BLOCK = 512  # widest column block of a symmetric product; narrower matrices take one plain GEMM
-
-
-def _block(d: int) -> int:
-    blocks = -(-d // SYM_BLOCK)
-    return -(-d // blocks)
-
-
-def add_upper_gram_(acc: torch.Tensor, z: torch.Tensor, *, beta: float = 1.0) -> None:
-    """acc[:d, :d] = beta * acc[:d, :d] + zᵀz on and above the diagonal blocks only (one GEMM per row block against
-    the columns from its diagonal on, written in place through strided views): for wide layers about (B+1)/2B of
-    the full product's multiply-adds. The blocks below stay as they were (beta=0: stale); `mirror_` fills them."""
+# ------------------------------------------------------------------------------------------ products
+# One full GEMM per product: computing only the upper blocks of the symmetric zᵀz (about 2/3 of the
+# multiply-adds for 3 blocks) measured no faster on the 2-core CPU of bench/stats.py, so it was left out.
+def add_gram_(acc: torch.Tensor, z: torch.Tensor, *, beta: float = 1.0) -> None:
+    """acc[:d, :d] = beta * acc[:d, :d] + zᵀz, in place (a strided view when acc is bias-augmented)."""
     d = z.shape[1]
-    s = _block(d) if d > SYM_BLOCK else d
-    for i0 in range(0, d, s):
-        acc[i0:i0 + s, i0:d].addmm_(z[:, i0:i0 + s].T, z[:, i0:], beta=beta)
+    acc[:d, :d].addmm_(z.T, z, beta=beta)
 
 
-def mirror_(acc: torch.Tensor, d: int) -> torch.Tensor:
-    """In place, the full symmetric matrix from add_upper_gram_'s blocks over the first d columns and, for a
-    bias-augmented [d + 1, d + 1] matrix, its last column (the last row is copied from it)."""
-    if d > SYM_BLOCK:
-        s = _block(d)
-        for i0 in range(0, d - s, s):
-            acc[i0 + s:d, i0:i0 + s] = acc[i0:i0 + s, i0 + s:d].T
+def complete_(acc: torch.Tensor, d: int) -> torch.Tensor:
+    """For a bias-augmented [d + 1, d + 1] accumulator, its last row from its last column (symmetry)."""
     if acc.shape[0] > d:
         acc[d, :d] = acc[:d, d]
     return acc
@@ -180,7 +165,7 @@ def mirror_(acc: torch.Tensor, d: int) -> torch.Tensor:
 
 class SecondMoments:
     """Per layer, Σ z' z'ᵀ of the bias-augmented rows z' = [z, 1] accumulated straight into the [d', d'] result
-    (upper blocks of Σ z zᵀ, Σ z in the last column, the row count in the corner), in fp32 (fp64 for fp64
+    (Σ z zᵀ, Σ z in the last column, the row count in the corner), in fp32 (fp64 for fp64
     models). A product is formed once in a scratch buffer reused across calls and batches, then added to every
     layer reading that same input tensor one after the other (q, k, v)."""
 
@@ -206,7 +191,7 @@ class SecondMoments:
             scratch = self._scratch.get(d)
             if scratch is None:
                 scratch = self._scratch[d] = z.new_zeros(d, d + 1)
-            add_upper_gram_(scratch, z, beta=0.0)
+            add_gram_(scratch, z, beta=0.0)
             torch.sum(z, 0, out=scratch[:, d])
             count = float(z.shape[0])
             self._last = (x, x._version, rows.masks, scratch, count)
@@ -228,7 +213,7 @@ class SecondMoments:
     def mean_(self, name: str, count: float) -> torch.Tensor:
         """(1/N) Σ z' z'ᵀ as fp32 [d', d'], formed in place in the accumulator."""
         d = sizes(self.layers[name])[0]
-        return mirror_(self.acc[name], d).div_(max(count, 1.0)).float().cpu()
+        return complete_(self.acc[name], d).div_(max(count, 1.0)).float().cpu()
 
 
 def accumulation_dtype(model: nn.Module) -> torch.dtype:
