@@ -41,25 +41,28 @@ def check_spd_factors(mats: torch.Tensor, label: str, what: str = "Gram matrix")
 
 def regmean_solve(thetas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float = 0.9, *,
                   weights: Optional[Sequence[float]] = None, ridge: float = 0.0, dtype=torch.float64,
-                  label: str = "layer", check: bool = True) -> torch.Tensor:
+                  label: str = "layer", model_labels: Optional[Sequence[str]] = None,
+                  check: bool = True) -> torch.Tensor:
     """The RegMean merge of one layer ([k, d']) or a batch of layers ([B, k, d']); returns `dtype`.
 
     thetas: per model X_m = [W_m | b_m]. grams: per model G_m ([d', d'] or [B, d', d']). alpha: the off-diagonal
     scale (1 keeps G). weights: per-model λ_m scaling G_m (default 1). ridge: adds ridge · mean(diag S) · I to S
-    (for layers whose inputs never span some direction). label: names the layer in errors.
+    (for layers whose inputs never span some direction). label: names the layer in errors, model_labels each
+    model's statistics (default "model i").
     """
     w = _weights(weights, len(thetas))
     if len(grams) != len(thetas):
         raise ValueError(f"grams: expected one per model ({len(thetas)}), got {len(grams)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: expected in [0, 1], got {alpha}")
+    model_labels = list(model_labels) if model_labels is not None else [f"model {i}" for i in range(len(thetas))]
     for i, (t, g) in enumerate(zip(thetas, grams)):
         d = t.shape[-1]
         if tuple(g.shape[-2:]) != (d, d) or g.shape[:-2] != t.shape[:-2]:
-            raise StatisticsError(f"{label}: Gram matrix of model {i} has shape {tuple(g.shape)}, expected "
+            raise StatisticsError(f"{label}: Gram matrix of {model_labels[i]} has shape {tuple(g.shape)}, expected "
                                   f"{tuple(t.shape[:-2]) + (d, d)} for the weight (with bias) {tuple(t.shape)}")
         if check:
-            check_spd_factors(g, f"{label} (model {i})")
+            check_spd_factors(g, f"{label} ({model_labels[i]})")
     s = None
     rhs = None
     for wi, t, g in zip(w, thetas, grams):
