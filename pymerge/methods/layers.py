@@ -6,6 +6,7 @@ A method declares what it reads besides the models with `side_inputs(params)`, a
                              see SEAMS.md / pymerge.stats); the method then merges those layers with
                              `merge_layer(LayerInputs)` and every other tensor with `merge_tensor`
     kind "model":            a whole checkpoint read alongside (e.g. a merged model to start from)
+    kind "tensors":          any same-named tensors (a method's own file format, `Param(file_format="tensors")`)
 The engine opens them at planning time, checks them against the models (names, shapes, the layers' weight /
 bias names and orientation) before any tensor data is read, and budgets prefetching by `SideInput.nbytes`.
 """
@@ -22,7 +23,7 @@ import torch
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
 from pymerge.io.reader import CheckpointDir, StateDictSource, TensorSource, open_source
 
-PER_PARAMETER_KINDS = ("fisher", "masks", "model")
+PER_PARAMETER_KINDS = ("fisher", "masks", "model", "tensors")
 LAYER_KINDS = ("gram", "kfac")
 # tensors of one layer per layer kind: (suffix, shape from (d', k))
 LAYER_TENSORS = {
@@ -174,7 +175,7 @@ def open_side_input(spec: SideInput, value, label: str):
             raise CheckpointError(f"{stats.label}: holds {stats.kind!r} statistics, this merge needs {spec.kind!r} "
                                   f"(pymerge stats --kind {spec.kind})")
         return stats
-    if spec.kind == "model":
+    if spec.kind in ("model", "tensors"):
         src = open_source(value, label=label)
         if isinstance(value, (str, os.PathLike)):
             src.label = f"{label} ({value})"

@@ -47,7 +47,7 @@ class RegMean(MergeMethod):
         Param("solve_dtype", str, "float64", choices=DTYPES, help="precision of the Cholesky solve"),
     )
 
-    def side_inputs(self, params):
+    def side_inputs(self, params, model_params=()):
         out = (SideInput("stats", "gram"),)
         if params["others"] == "fisher":
             out += (SideInput("fisher", "fisher"),)
