@@ -307,7 +307,7 @@ def _check_per_parameter(plan: MergePlan, spec, src, i: Optional[int], value, wh
         if foreign and type(method).aux_key is MergeMethod.aux_key:  # same-name side inputs only
             problems.append(f"names the model does not have: {_first(foreign, 3)}")
     if problems:
-        raise IncompatibleModelsError(f"{src.label} ({value}) does not match {whose}: {_first(problems)}")
+        raise IncompatibleModelsError(f"{src.label} does not match {whose}: {_first(problems)}")
 
 
 def _group_layers(plan: MergePlan, param: str, sources) -> None:

@@ -52,7 +52,7 @@ class MaTS(MergeMethod):
         obj = params["objective"]
         out = ()
         if obj in ("regmean", "kfac"):
-            out += (SideInput("stats", obj),)
+            out += (SideInput("stats", "gram" if obj == "regmean" else "kfac"),)
         if obj == "fisher" and model_params and all(m.get("fisher") is None for m in model_params):
             out += (SideInput("stats", "fisher"),)  # the Fisher given as `stats: FILE` of kind fisher
         elif obj == "fisher" or params["others"] == "fisher":
