@@ -175,8 +175,14 @@ def test_statistics_of_another_model_are_rejected():
     with pytest.raises(IncompatibleModelsError, match=r"stats of m1 does not match model m1.*layer 'h\.0\.c_attn'"):
         merge_state_dicts(cfg([GRAMS[0], other, GRAMS[2]]))
     renamed = layer_stats(1, layers={"dec.0": (4, 6, True, False)})
-    with pytest.raises(IncompatibleModelsError, match="has no weight 'dec.0.weight'"):
+    with pytest.raises(IncompatibleModelsError, match="none of its layers' weights.*'dec.0.weight'"):
         merge_state_dicts(cfg([GRAMS[0], renamed, GRAMS[2]]))
+    # a layer whose weight the checkpoints do not store (GPT-2's lm_head, tied to the embedding) is left out
+    tied = [layer_stats(i, layers=dict(LAYERS, lm_head=(4, 10, False, False))) for i in range(M)]
+    res = merge_state_dicts(cfg(tied))
+    assert res.plan.unused_layers == ["lm_head"] and set(res.plan.layers) == set(LAYERS)
+    with pytest.raises(IncompatibleModelsError, match="stats of m2 and stats of m0 describe different layers"):
+        merge_state_dicts(cfg([GRAMS[0], GRAMS[1], layer_stats(2, layers={"enc.0": LAYERS["enc.0"]})]))
     with pytest.raises(CheckpointError, match="holds 'kfac' statistics, this merge needs 'gram'"):
         merge_state_dicts(cfg([layer_stats(i, "kfac") for i in range(M)]))
     with pytest.raises(CheckpointError, match="no pymerge statistics metadata"):

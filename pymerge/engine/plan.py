@@ -51,6 +51,7 @@ class MergePlan:
     layer_stats: Dict[str, List[Any]] = field(default_factory=dict)    # param -> per model LayerStatistics
     global_aux: Dict[str, TensorSource] = field(default_factory=dict)  # param -> one source (e.g. init model)
     layers: Dict[str, LayerInfo] = field(default_factory=dict)         # module -> layer merged as one unit
+    unused_layers: List[str] = field(default_factory=list)  # statistics of layers the checkpoints do not store
 
     @property
     def task_names(self) -> List[str]:
@@ -73,7 +74,7 @@ class MergePlan:
         return {"method": self.config.merge_method, "tensors": kinds, "heads_policy": self.config.heads,
                 "base_prefix": self.base_prefix, "ignored_base_tensors": len(self.ignored_base),
                 "side_inputs": [f"{s.param}: {s.kind}" for s in self.side_inputs],
-                "layers_merged_together": len(self.layers)}
+                "layers_merged_together": len(self.layers), "statistics_unused": self.unused_layers}
 
 
 def _first(items, n=MAX_LISTED) -> str:
@@ -270,7 +271,9 @@ def _open_side_inputs(plan: MergePlan) -> None:
                 continue
             src = open_side_input(spec, value, label)
             if spec.per_layer:
-                src.check_model(models[i], spec_m.name)
+                for m in src.check_model(models[i], spec_m.name):
+                    if m not in plan.unused_layers:
+                        plan.unused_layers.append(m)
             else:
                 _check_per_parameter(plan, spec, src, i, value, f"model {spec_m.name}")
             sources.append(src)

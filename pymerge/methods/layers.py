@@ -145,13 +145,16 @@ class LayerStatistics:
     def read_layer(self, module: str) -> Dict[str, torch.Tensor]:
         return {suffix: self.source.read(f"{module}.{suffix}") for suffix, _ in LAYER_TENSORS[self.kind]}
 
-    def check_model(self, model: TensorSource, model_label: str) -> None:
-        """Every layer's weight / bias exists in the model with the shapes the statistics were computed for."""
-        problems = []
+    def check_model(self, model: TensorSource, model_label: str) -> List[str]:
+        """Every layer's weight / bias has the shapes the statistics were computed for. Layers whose weight the
+        checkpoint does not store (a tied `lm_head` saved only as the embedding) are dropped and returned; a file
+        none of whose layers the model has is another model's."""
+        problems, absent = [], []
         for m, info in self.layers.items():
             if info.weight not in model:
-                problems.append(f"layer {m!r}: the model has no weight {info.weight!r}")
-            elif tuple(model.shape(info.weight)) != info.weight_shape:
+                absent.append(m)
+                continue
+            if tuple(model.shape(info.weight)) != info.weight_shape:
                 problems.append(f"layer {m!r}: weight {info.weight!r} has shape {tuple(model.shape(info.weight))} in "
                                 f"the model, the statistics are for {info.weight_shape}"
                                 f"{' (Conv1D, [in, out])' if info.transposed else ''}")
@@ -161,10 +164,15 @@ class LayerStatistics:
                 elif tuple(model.shape(info.bias)) != (info.out_features,):
                     problems.append(f"layer {m!r}: bias {info.bias!r} has shape {tuple(model.shape(info.bias))}, "
                                     f"expected ({info.out_features},)")
+        if absent and len(absent) == len(self.layers):
+            problems.append(f"the model has none of its layers' weights (e.g. {self.layers[absent[0]].weight!r})")
         if problems:
             more = f" ... and {len(problems) - 3} more" if len(problems) > 3 else ""
             raise IncompatibleModelsError(f"{self.label} does not match model {model_label} (statistics of another "
                                           f"model?): {'; '.join(problems[:3])}{more}")
+        for m in absent:
+            del self.layers[m]
+        return absent
 
 
 def open_side_input(spec: SideInput, value, label: str):
