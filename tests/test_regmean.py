@@ -189,3 +189,30 @@ def test_statistics_of_another_model_are_rejected():
         merge_state_dicts(cfg([SimpleNamespace(tensors=GRAMS[0].tensors, metadata={})] + GRAMS[1:]))
     with pytest.raises(ConfigError, match="needs parameter 'stats' for every model"):
         merge_state_dicts({"merge_method": "regmean", "models": [{"model": m} for m in MODELS]})
+
+
+def test_half_precision_models_are_solved_in_float64_and_written_in_their_dtype():
+    bf = [{k: v.to(torch.bfloat16) for k, v in st.items()} for st in MODELS]
+    out = merge_state_dicts(cfg(models=bf)).state_dict
+    for m in LAYERS:
+        for name, ref in regmean_reference(m, 0.9).items():
+            assert out[name].dtype == torch.bfloat16
+            # the inputs were rounded to bf16, so compare at bf16 precision
+            torch.testing.assert_close(out[name].double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_prefetch_budget_counts_side_inputs_by_kind_and_dtype():
+    from pymerge.engine import plan_merge
+    from pymerge.engine.run import _task_bytes
+
+    plan = plan_merge(cfg())
+    by_name = {e.name: e for e in plan.entries}
+    w, b = by_name["enc.0.weight"], by_name["enc.0.bias"]
+    # a layer: M weights [6, 4] and biases [6] in fp32, plus M Grams [5, 5] in fp32 (not tensor-shaped Fishers)
+    assert _task_bytes(plan, w, None, b) == M * 4 * (6 * 4 + 6) + M * 4 * 5 * 5
+    ln = by_name["ln.weight"]  # outside the layers: the Gram side input costs nothing
+    assert _task_bytes(plan, ln, None, None) == M * 4 * 4
+    fi = fishers()
+    plan = plan_merge(cfg(params={"others": "fisher"}, extra_model={"fisher": fi}))
+    ln = {e.name: e for e in plan.entries}["ln.weight"]
+    assert _task_bytes(plan, ln, None, None) == M * 4 * 4 + M * 4 * 4  # + one fp32 Fisher per model
