@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("merge", "inspect", "fisher", "demo")
+COMMANDS = ("merge", "inspect", "fisher", "stats", "demo")
 
 EPILOG = "Run `pymerge COMMAND --help` for a command's options. Documentation: README.md of the project."
 
