@@ -71,6 +71,8 @@ def regmean_reference(states, stats_paths, alpha):
     out = {}
     loaded = [_stats(p) for p in stats_paths]
     for m, info in loaded[0][1].items():
+        if info["weight"] not in states[0]:
+            continue  # not stored (tied lm_head)
         gt = [alpha * t[m + ".gram"].double() + (1 - alpha) * torch.diag(torch.diag(t[m + ".gram"].double()))
               for t, _ in loaded]
         x = sum(_augmented(s, info) @ g for s, g in zip(states, gt)) @ torch.linalg.inv(sum(gt))
@@ -152,3 +154,38 @@ def test_mats_kfac_on_hf_models_matches_dense_solve_and_reloads(zoo, tmp_path, f
     hist = res.plan.config.method.history
     assert set(res.plan.layers) <= set(hist)
     assert all(len(h["residuals"]) == len(h["objectives"]) >= 2 for h in hist.values())
+
+
+def test_statistics_from_pymerge_stats_drive_regmean_and_mats(tmp_path):
+    """The real producer: pymerge.stats.collect on GPT-2 (its tied lm_head has statistics but no stored weight)
+    and BERT, saved with pymerge.stats.save; regmean equals the float64 reference from those files."""
+    from transformers import BertForSequenceClassification, GPT2LMHeadModel
+
+    import pymerge.stats as ps
+
+    torch.manual_seed(1)
+    for family, cls, config in (("gpt2", GPT2LMHeadModel, em.gpt2_config()),
+                                ("bert", BertForSequenceClassification, em.bert_config())):
+        base = cls(config)
+        models, files = [], []
+        for i in range(2):
+            m = cls(config)
+            m.load_state_dict(base.state_dict())
+            em._perturb(m, seed=40 + i, scale=0.05)
+            batch = {"input_ids": torch.randint(5, 30, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+            if family == "bert":
+                batch["labels"] = torch.tensor([0, 1, 1])
+            path = tmp_path / f"{family}{i}.gram.safetensors"
+            ps.save(path, ps.collect(m, [batch], kind="gram"))
+            m.save_pretrained(tmp_path / f"{family}{i}")
+            models.append(em.load_dir(tmp_path / f"{family}{i}"))
+            files.append(path)
+        res = merge_state_dicts({"merge_method": "regmean", "models": [
+            {"model": str(tmp_path / f"{family}{i}"), "parameters": {"stats": str(files[i])}} for i in range(2)]})
+        if family == "gpt2":
+            assert "lm_head" in res.plan.unused_layers  # tied to the embedding, merged by policy instead
+        ref = regmean_reference(models, [f for f in files], 0.9)
+        merged_layers = {n for info in res.plan.layers.values() for n in (info.weight, info.bias) if n}
+        assert merged_layers and merged_layers <= set(ref)
+        for name in merged_layers:
+            torch.testing.assert_close(res.state_dict[name].double(), ref[name], rtol=1e-4, atol=1e-5)
