@@ -16,8 +16,9 @@ import torch
 
 from pymerge.config import MergeConfig, load_config
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
-from pymerge.io.reader import TensorSource, open_fisher, open_source
-from pymerge.methods.base import MergeMethod, pattern_matches
+from pymerge.io.reader import TensorSource, open_source
+from pymerge.methods.base import ConfigError, MergeMethod, pattern_matches
+from pymerge.methods.layers import LayerInfo, SideInput, open_side_input
 
 # Config fields that must agree for two checkpoints to be one architecture.
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -33,6 +34,7 @@ class PlanEntry:
     dtype: torch.dtype            # output dtype
     models: List[int] = field(default_factory=list)  # heads: which models have it
     base_name: Optional[str] = None
+    layer: Optional[LayerInfo] = None  # merged with the other tensors of this layer (weight, then bias)
 
 
 @dataclass
@@ -45,6 +47,11 @@ class MergePlan:
     config_index: Optional[int]              # model whose config/tokenizer/head go into the main output
     base_prefix: Tuple[str, str] = ("", "")  # (strip from model name, add) to get the base name
     ignored_base: List[str] = field(default_factory=list)
+    side_inputs: Tuple[SideInput, ...] = ()                            # what the method reads, by kind
+    layer_stats: Dict[str, List[Any]] = field(default_factory=dict)    # param -> per model LayerStatistics
+    global_aux: Dict[str, TensorSource] = field(default_factory=dict)  # param -> one source (e.g. init model)
+    layers: Dict[str, LayerInfo] = field(default_factory=dict)         # module -> layer merged as one unit
+    unused_layers: List[str] = field(default_factory=list)  # statistics of layers the checkpoints do not store
 
     @property
     def task_names(self) -> List[str]:
@@ -65,7 +72,9 @@ class MergePlan:
         for e in self.entries:
             kinds[e.kind] = kinds.get(e.kind, 0) + 1
         return {"method": self.config.merge_method, "tensors": kinds, "heads_policy": self.config.heads,
-                "base_prefix": self.base_prefix, "ignored_base_tensors": len(self.ignored_base)}
+                "base_prefix": self.base_prefix, "ignored_base_tensors": len(self.ignored_base),
+                "side_inputs": [f"{s.param}: {s.kind}" for s in self.side_inputs],
+                "layers_merged_together": len(self.layers), "statistics_unused": self.unused_layers}
 
 
 def _first(items, n=MAX_LISTED) -> str:
@@ -218,11 +227,11 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
         mapped = {e.base_name for e in entries if e.base_name}
         ignored = [k for k in base.keys() if k not in mapped]
 
-    aux = _open_aux(cfg, models, entries)
     config_index = 0
     if cfg.config_from is not None:
         config_index = next((i for i, m in enumerate(cfg.models) if m.name == cfg.config_from), None)
-    plan = MergePlan(cfg, models, base, aux, entries, config_index, prefix, ignored)
+    plan = MergePlan(cfg, models, base, {}, entries, config_index, prefix, ignored)
+    _open_side_inputs(plan)
     for e in entries:  # a head in the main checkpoint is the config_from model's (own dtype unless `dtype`)
         if e.kind == "head":
             owner = models[config_index if config_index in e.models else e.models[0]]
@@ -232,47 +241,104 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
     return plan
 
 
-def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEntry]) -> Dict[str, List[TensorSource]]:
-    """Open per-model file parameters (Fisher files) and check they match the models' names and shapes."""
-    aux: Dict[str, List[TensorSource]] = {}
-    method = cfg.method
-    for p in method.params:
-        if not p.is_file:
+def _open_side_inputs(plan: MergePlan) -> None:
+    """Open the side inputs the method declares (by kind) and check them against the models before any data is
+    read: per-parameter files (Fisher, masks, a whole model) by name and shape; layer statistics (gram, kfac) by
+    their layers' weight / bias names, orientation and shapes. Layer kinds turn each layer with statistics into
+    one unit (weight then bias in the output order) that the method merges with `merge_layer`."""
+    cfg, models, method = plan.config, plan.models, plan.config.method
+    g = cfg.global_values()
+    mv = [cfg.model_values(i) for i in range(len(models))]
+    plan.side_inputs = tuple(method.side_inputs(g, mv))
+    for spec in plan.side_inputs:
+        if spec.scope == "global":
+            value = g.get(spec.param)
+            if value is None:
+                raise ConfigError(f"method {method.name!r} needs the parameter {spec.param!r}")
+            src = open_side_input(spec, value, spec.param)
+            _check_per_parameter(plan, spec, src, None, value, "the merge")
+            plan.global_aux[spec.param] = src
             continue
         sources = []
-        for i, spec in enumerate(cfg.models):
-            value = cfg.model_values(i)[p.name]
-            label = f"{p.name} of {spec.name}"
-            if p.file_format == "fisher":
-                src = open_fisher(value, label=label)
+        for i, spec_m in enumerate(cfg.models):
+            value = mv[i].get(spec.param)
+            label = f"{spec.param} of {spec_m.name}"
+            if value is None:
+                if not spec.optional:
+                    raise ConfigError(f"model {spec_m.name}: method {method.name!r} needs parameter {spec.param!r} "
+                                      f"(a {spec.kind} file)")
+                sources.append(None)
+                continue
+            src = open_side_input(spec, value, label)
+            if spec.per_layer:
+                for m in src.check_model(models[i], spec_m.name):
+                    if m not in plan.unused_layers:
+                        plan.unused_layers.append(m)
             else:
-                src = open_source(value, label=label)
-                if isinstance(value, (str, Path)):
-                    src.label = f"{label} ({value})"
-            if method.fisher_mode is not None and src.metadata.get("mode") != method.fisher_mode:
-                raise CheckpointError(
-                    f"{src.label}: method {method.name!r} needs a Fisher of mode {method.fisher_mode!r}, "
-                    f"got mode {src.metadata.get('mode')!r}")
-            problems = []
-            model_keys = set(models[i].keys())
-            for e in entries:
-                if e.kind != "merge":
-                    continue
-                key = method.aux_key(p.name, e.name)
-                if key is None:
-                    continue
-                if key not in src:
-                    problems.append(f"no entry for {key!r}")
-                    continue
-                err = method.aux_shape_error(p.name, e.name, e.shape, src.shape(key))
-                if err:
-                    problems.append(f"{key!r} {err}")
-            foreign = [k for k in src.keys() if k not in model_keys]
-            if foreign and type(method).aux_key is MergeMethod.aux_key:  # same-name side inputs only
-                problems.append(f"names the model does not have: {_first(foreign, 3)}")
-            if problems:
-                raise IncompatibleModelsError(
-                    f"{src.label} ({value}) does not match model {spec.name}: {_first(problems)}")
+                _check_per_parameter(plan, spec, src, i, value, f"model {spec_m.name}")
             sources.append(src)
-        aux[p.name] = sources
-    return aux
+        if spec.per_layer:
+            plan.layer_stats[spec.param] = sources
+        else:
+            plan.aux[spec.param] = sources
+    for param, sources in plan.layer_stats.items():
+        _group_layers(plan, param, sources)
+
+
+def _check_per_parameter(plan: MergePlan, spec, src, i: Optional[int], value, whose: str) -> None:
+    method = plan.config.method
+    if spec.kind in ("fisher", "masks") and method.fisher_mode is not None \
+            and src.metadata.get("mode") != method.fisher_mode:
+        raise CheckpointError(f"{src.label}: method {method.name!r} needs a Fisher of mode {method.fisher_mode!r}, "
+                              f"got mode {src.metadata.get('mode')!r}")
+    problems = []
+    for e in plan.entries:
+        if e.kind != "merge":
+            continue
+        key = method.aux_key(spec.param, e.name)
+        if key is None:
+            continue
+        if key not in src:
+            problems.append(f"no entry for {key!r}")
+            continue
+        err = method.aux_shape_error(spec.param, e.name, e.shape, src.shape(key))
+        if err:
+            problems.append(f"{key!r} {err}")
+    if i is not None and spec.kind != "model":
+        model_keys = set(plan.models[i].keys())
+        foreign = [k for k in src.keys() if k not in model_keys]
+        if foreign and type(method).aux_key is MergeMethod.aux_key:  # same-name side inputs only
+            problems.append(f"names the model does not have: {_first(foreign, 3)}")
+    if problems:
+        raise IncompatibleModelsError(f"{src.label} does not match {whose}: {_first(problems)}")
+
+
+def _group_layers(plan: MergePlan, param: str, sources) -> None:
+    """Layers listed by every model's statistics whose weight (and bias) are merged tensors become units."""
+    present = [s for s in sources if s is not None]
+    if not present:
+        return
+    ref = present[0]
+    for s in present[1:]:
+        diff = sorted(set(ref.layers) ^ set(s.layers))
+        if diff:
+            raise IncompatibleModelsError(f"{s.label} and {ref.label} describe different layers: {_first(diff, 3)} "
+                                          "(statistics of different architectures?)")
+        for m, info in s.layers.items():
+            if info != ref.layers[m]:
+                raise IncompatibleModelsError(f"{s.label}: layer {m!r} is {info}, but {ref.label} says "
+                                              f"{ref.layers[m]}")
+    by_name = {e.name: e for e in plan.entries}
+    for m, info in ref.layers.items():
+        w = by_name.get(info.weight)
+        b = by_name.get(info.bias) if info.bias is not None else None
+        if w is None or w.kind != "merge" or (info.bias is not None and (b is None or b.kind != "merge")):
+            continue  # e.g. a task head kept per model: not merged, its statistics are unused
+        if m in plan.layers:
+            raise ConfigError(f"layer {m!r} has statistics in two side inputs")
+        plan.layers[m] = info
+        w.layer = info
+        if b is not None:  # the bias follows its weight, so the unit writes both in output order
+            b.layer = info
+            plan.entries.remove(b)
+            plan.entries.insert(plan.entries.index(w) + 1, b)
