@@ -198,16 +198,19 @@ def _read_config(path: Path) -> Optional[dict]:
     if not cfg.exists():
         return None
     try:
-        return json.loads(cfg.read_text())
+        config = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{cfg}: unreadable model config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object (a model config), got a JSON {type(config).__name__}")
+    return config
 
 
 def _read_index(index: Path) -> Dict[str, str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise ValueError("weight_map is not an object")
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map is not an object of tensor name -> shard file name")
         return weight_map
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: unreadable shard index ({exc})") from exc
