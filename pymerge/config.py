@@ -15,6 +15,7 @@
     max_shard_size: 2GB
     allow_pickle: false
     check_finite: true
+    allow_foreign_stats: false               # accept Fisher / statistics files computed on another model
 
 Relative paths in a YAML file are relative to the file's directory; in a dict, to the working directory.
 In Python, `model` may also be an nn.Module or a state dict, and `fisher` a `pymerge.fisher.Fisher`.
@@ -35,7 +36,7 @@ from pymerge.methods.registry import get_method
 
 DEFAULT_HEAD_PATTERNS = ("classifier.*", "score.*", "qa_outputs.*", "classification_head.*")
 TOP_LEVEL_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "heads", "head_patterns",
-                  "config_from", "max_shard_size", "allow_pickle", "check_finite")
+                  "config_from", "max_shard_size", "allow_pickle", "check_finite", "allow_foreign_stats")
 MODEL_KEYS = ("model", "name", "parameters")
 HEAD_POLICIES = ("keep", "drop")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -62,6 +63,8 @@ class MergeConfig:
     max_shard_size: int = 2 * 10**9
     allow_pickle: bool = False
     check_finite: bool = True
+    allow_foreign_stats: bool = False
+    source: Optional[Path] = None          # the YAML file it was read from (an input the output must not touch)
 
     @property
     def merge_method(self) -> str:
@@ -345,14 +348,16 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
         shard = parse_size(raw.get("max_shard_size", "2GB"))
     except ValueError as exc:
         raise ConfigError(f"{src}: {exc}") from None
-    for key in ("allow_pickle", "check_finite"):
+    for key in ("allow_pickle", "check_finite", "allow_foreign_stats"):
         if key in raw and not isinstance(raw[key], bool):
             raise ConfigError(f"{src}: {key} must be true or false, got {excerpt(raw[key])}")
 
     cfg = MergeConfig(method=method, models=models, base_model=base, values=global_values, dtype=dtype,
                       heads=heads, head_patterns=list(patterns), config_from=config_from, max_shard_size=shard,
                       allow_pickle=bool(raw.get("allow_pickle", False)),
-                      check_finite=bool(raw.get("check_finite", True)))
+                      check_finite=bool(raw.get("check_finite", True)),
+                      allow_foreign_stats=bool(raw.get("allow_foreign_stats", False)),
+                      source=Path(src) if _is_pathlike(config) else None)
     method.validate(cfg.global_values(), [cfg.model_values(i) for i in range(len(models))])
     return cfg
 

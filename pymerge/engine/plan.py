@@ -8,6 +8,7 @@ weights; `heads: drop` leaves them out. Tensors matching `head_patterns` are hea
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -16,6 +17,7 @@ import torch
 
 from pymerge.config import MergeConfig, load_config
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
+from pymerge.io.fingerprint import ModelFingerprints
 from pymerge.io.reader import TensorSource, open_fisher, open_source
 from pymerge.methods.base import MergeMethod, pattern_matches
 
@@ -236,6 +238,7 @@ def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEn
     """Open per-model file parameters (Fisher files) and check they match the models' names and shapes."""
     aux: Dict[str, List[TensorSource]] = {}
     method = cfg.method
+    fingerprints = {spec.name: ModelFingerprints(m) for spec, m in zip(cfg.models, models)}
     for p in method.params:
         if not p.is_file:
             continue
@@ -247,8 +250,10 @@ def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEn
                 src = open_fisher(value, label=label)
             else:
                 src = open_source(value, label=label)
-                if isinstance(value, (str, Path)):
-                    src.label = f"{label} ({value})"
+            if isinstance(value, (str, Path)):
+                src.label = f"{p.name} file {value}"
+            check_stats_file(src, models[i], spec.name, method, p, allow_foreign=cfg.allow_foreign_stats,
+                             fingerprints=fingerprints)
             if method.fisher_mode is not None and src.metadata.get("mode") != method.fisher_mode:
                 raise CheckpointError(
                     f"{src.label}: method {method.name!r} needs a Fisher of mode {method.fisher_mode!r}, "
@@ -271,8 +276,115 @@ def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEn
             if foreign and type(method).aux_key is MergeMethod.aux_key:  # same-name side inputs only
                 problems.append(f"names the model does not have: {_first(foreign, 3)}")
             if problems:
-                raise IncompatibleModelsError(
-                    f"{src.label} ({value}) does not match model {spec.name}: {_first(problems)}")
+                raise IncompatibleModelsError(f"{src.label} does not match model {spec.name}: {_first(problems)}")
             sources.append(src)
         aux[p.name] = sources
     return aux
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics files paired with models; outputs against inputs
+# --------------------------------------------------------------------------------------------------
+def stats_kind(metadata: Mapping[str, str]) -> Optional[str]:
+    """fisher | masks | gram | kfac; files from before `kind` existed are fisher, or masks by their mode."""
+    if metadata.get("kind"):
+        return metadata["kind"]
+    if metadata.get("pymerge_fisher") is not None:
+        return "masks" if metadata.get("mode") == "masks" else "fisher"
+    return None
+
+
+def expected_stats_kind(method: MergeMethod, param) -> Optional[str]:
+    """The kind of statistics a method's file parameter takes (None: any tensor file)."""
+    declared = getattr(param, "kind", None) or getattr(param, "stats_kind", None)
+    if declared:
+        return declared
+    if param.file_format != "fisher":
+        return None
+    return "masks" if method.fisher_mode == "masks" else "fisher"
+
+
+def check_stats_file(src: TensorSource, model: TensorSource, model_name: str, method: MergeMethod, param, *,
+                     allow_foreign: bool = False, fingerprints: Optional[Dict[str, ModelFingerprints]] = None
+                     ) -> None:
+    """A statistics file must be of the kind the method takes, and computed on the model it is paired with:
+    its stored structure fingerprint (names and shapes) must be the model's, and, unless the method says its
+    statistics come from other points (DF-Merge), its weights fingerprint too. `allow_foreign` skips the
+    fingerprints (not the kind)."""
+    meta = src.metadata or {}
+    want = expected_stats_kind(method, param)
+    have = stats_kind(meta)
+    if want is not None and have is not None and have != want:
+        hint = {"masks": " (a Fisher of mode 'masks', from `pymerge fisher --mode masks`)"}.get(want, "")
+        if have == "masks":
+            hint += "; a mask Fisher is merged with merge_method mask_fisher"
+        raise CheckpointError(
+            f"{src.label}: is a {have} statistics file (mode {meta.get('mode')!r}), but `{param.name}` of method "
+            f"{method.name!r} takes a {want} file{hint}")
+    if allow_foreign:
+        return
+    fingerprints = dict(fingerprints or {})
+    mine = fingerprints.setdefault(model_name, ModelFingerprints(model))
+    where = model_name if model.label == model_name else f"{model_name} ({model.label})"
+    keys = list(src.keys())
+
+    def others(stored, get):
+        hits = [n for n, fp in fingerprints.items() if n != model_name and stored in get(fp)]
+        return (f"; it matches model {', '.join(hits)} of this merge (files swapped?)" if hits
+                else "; it matches no model of this merge")
+
+    override = ("Give each model its own file, or set `allow_foreign_stats: true` in the config "
+                "(CLI: --allow-foreign-stats) if this is intended")
+    stored = meta.get("structure")
+    if stored and stored not in mine.structures(keys):
+        raise IncompatibleModelsError(
+            f"{src.label} was computed on a model of another structure than {where}: structure fingerprint "
+            f"{stored} in the file, {mine.structures(keys)[0]} for the model (names and shapes)"
+            f"{others(stored, lambda fp: fp.structures(keys))}. {override}")
+    stored = meta.get("weights")
+    if stored and getattr(method, "stats_at_model_weights", True) and stored not in mine.weights(keys):
+        raise IncompatibleModelsError(
+            f"{src.label} was computed on other weights than model {where}: weights fingerprint {stored} "
+            f"in the file, {mine.weights(keys)[0]} for the model{others(stored, lambda fp: fp.weights(keys))}. "
+            f"{override}")
+
+
+def input_paths(plan: MergePlan) -> List[Tuple[str, Path]]:
+    """Every input of a plan that lives on disk, as (what it is, path): models, base, side-input files,
+    the config file."""
+    cfg = plan.config
+    found: List[Tuple[str, Path]] = []
+    specs = list(cfg.models) + ([cfg.base_model] if cfg.base_model is not None else [])
+    for spec in specs:
+        if isinstance(spec.model, (str, os.PathLike)):
+            what = "base model" if spec is cfg.base_model else f"model {spec.name}"
+            found.append((what, Path(spec.model)))
+    for i, spec in enumerate(cfg.models):
+        for p in cfg.method.params:
+            if p.is_file:
+                value = cfg.model_values(i).get(p.name)
+                if isinstance(value, (str, os.PathLike)):
+                    found.append((f"{p.name} file of {spec.name}", Path(value)))
+    if getattr(cfg, "source", None) is not None:
+        found.append(("config file", Path(cfg.source)))
+    return found
+
+
+def check_outputs(plan: MergePlan, out_dir) -> None:
+    """Before any work: every derived output file has its own name (two task names that map to one heads/ file
+    are refused, naming both), and the output is not, does not contain and does not lie inside any input
+    (symlinks resolved), with or without --force."""
+    from pymerge.io.writer import check_not_input, safe_task_name
+
+    seen: Dict[str, str] = {}
+    for i, task in enumerate(plan.task_names):
+        if not plan.head_entries(i):
+            continue
+        fname = f"heads/{safe_task_name(task)}.safetensors"
+        key = fname.casefold()  # one file on case-insensitive filesystems
+        if key in seen:
+            raise IncompatibleModelsError(
+                f"tasks {seen[key]!r} and {task!r} would both write their head to {fname}; give the models "
+                "distinct `name`s (letters, digits, '.', '_' and '-' are kept, anything else becomes '_')")
+        seen[key] = task
+    check_not_input(out_dir, input_paths(plan))

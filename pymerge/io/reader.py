@@ -42,6 +42,10 @@ class TensorSource:
         """The tensor (a fresh CPU tensor for files), or rows [start, stop) of its first dimension."""
         raise NotImplementedError
 
+    def read_elements(self, name: str, flat_indices) -> torch.Tensor:
+        """Elements of the flattened tensor at `flat_indices` (sources on disk read only those bytes)."""
+        return self.read(name).reshape(-1)[torch.as_tensor(list(flat_indices), dtype=torch.long)]
+
     # Whether `read` returns a fresh tensor the caller may modify in place (files: yes; in-memory: no).
     owned = True
 
@@ -184,6 +188,12 @@ class CheckpointDir(TensorSource):
     def dtype(self, name):
         h = self._where[name]
         return h.dtype(name) if isinstance(h, SafetensorsFile) else h[name].dtype
+
+    def read_elements(self, name, flat_indices):
+        h = self._where[name]
+        if isinstance(h, SafetensorsFile):
+            return h.read_elements(name, flat_indices)
+        return super().read_elements(name, flat_indices)
 
     def read(self, name, rows=None):
         h = self._where[name]

@@ -91,6 +91,41 @@ def check_target(out_dir: Union[str, os.PathLike], force: bool) -> Path:
     return out
 
 
+def _same_or_inside(inner: Path, outer: Path) -> bool:
+    """`inner` is `outer` or lies inside it; both resolved. Also catches two spellings of one directory that
+    path comparison misses (bind mounts, case-insensitive filesystems, hard-linked files) by device/inode."""
+    if inner == outer or outer in inner.parents:
+        return True
+    try:
+        st = outer.stat()
+    except OSError:
+        return False
+    for q in (inner, *inner.parents):
+        try:
+            s = q.stat()
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
+def check_not_input(out: Union[str, os.PathLike], inputs: Iterable[Tuple[str, Union[str, os.PathLike]]]) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs ((what, path) pairs), after resolving
+    symlinks: replacing it (--force) would destroy the input, and writing inside it changes the input."""
+    out_r = Path(os.path.abspath(out)).resolve()
+    for what, path in inputs:
+        in_r = Path(os.path.abspath(path)).resolve()
+        if _same_or_inside(out_r, in_r):
+            relation = "is" if _same_or_inside(in_r, out_r) else "lies inside"
+        elif _same_or_inside(in_r, out_r):
+            relation = "contains"
+        else:
+            continue
+        raise ValueError(f"{out}: the output {relation} the {what} ({path}); an output must be a separate "
+                         "directory (refused with or without --force, which would replace it)")
+
+
 # --------------------------------------------------------------------------------------------------
 # owner records: is the process that made a temporary directory still running?
 # --------------------------------------------------------------------------------------------------

@@ -173,6 +173,9 @@ class MergeMethod:
     needs_base: bool = False
     elementwise: bool = False  # output element j depends only on input elements j: the engine may chunk rows
     fisher_mode: Optional[str] = None  # required `mode` metadata of the file parameter `fisher`, if any
+    # Statistics files are computed on each model's own weights (their weights fingerprint is checked against
+    # the paired model); False for methods whose statistics come from other points (DF-Merge).
+    stats_at_model_weights: bool = True
 
     def param(self, name: str) -> Param:
         for p in self.params:
