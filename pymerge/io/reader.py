@@ -115,7 +115,7 @@ class CheckpointDir(TensorSource):
             files = self._single_file(path, allow_pickle)
         else:
             self.directory = path
-            self.config = _read_config(path)
+            self.config = read_model_config(path)
             files = self._directory_files(path, allow_pickle)
         self._files: List[SafetensorsFile] = []
         self._where: Dict[str, object] = {}  # name -> SafetensorsFile or in-memory pickle dict
@@ -203,8 +203,10 @@ class CheckpointDir(TensorSource):
         return (t if rows is None else t[rows[0]:rows[1]]).clone()
 
 
-def _read_config(path: Path) -> Optional[dict]:
-    cfg = path / "config.json"
+def read_model_config(path: Union[str, os.PathLike]) -> Optional[dict]:
+    """config.json of a model directory as a dict (None when absent); a clear error naming the file when it is
+    unreadable or not a JSON object. Commands that hand a directory to transformers should check it here first."""
+    cfg = Path(path) / "config.json"
     if not cfg.exists():
         return None
     try:
@@ -274,3 +276,6 @@ def open_fisher(obj, *, label: Optional[str] = None) -> TensorSource:
         if src.dtype(name) != torch.float32:
             raise CheckpointError(f"{src.label}: Fisher tensor {name!r} has dtype {src.dtype(name)}, expected float32")
     return src
+
+
+_read_config = read_model_config  # older name

@@ -18,19 +18,18 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from pymerge.errors import DiskFullError, Interrupted
+from pymerge.errors import DiskFullError
 from pymerge.io.reader import SAFETENSORS_INDEX
 from pymerge.io.safetensors_file import SafetensorsStreamWriter, nbytes
+from pymerge.signals import signals_deferred, signals_interrupt
 
 log = logging.getLogger("pymerge")
 
@@ -122,8 +121,8 @@ def check_not_input(out: Union[str, os.PathLike], inputs: Iterable[Tuple[str, Un
             relation = "contains"
         else:
             continue
-        raise ValueError(f"{out}: the output {relation} the {what} ({path}); an output must be a separate "
-                         "directory (refused with or without --force, which would replace it)")
+        raise ValueError(f"{out}: the output {relation} the {what} ({path}); refused with or without --force, "
+                         "since writing there would change or destroy an input")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,51 +240,6 @@ def remove_stale(target: Union[str, os.PathLike]) -> List[Path]:
         log.warning("pymerge: %s was left by an interrupted run %s; if no pymerge process is writing %s, "
                     "remove it with: rm -rf '%s'", d, why, target, d)
     return removed
-
-
-# --------------------------------------------------------------------------------------------------
-# signals: SIGTERM cleans up like SIGINT; no signal splits a rename pair or a cleanup
-# --------------------------------------------------------------------------------------------------
-_signal_state = threading.local()
-_HANDLED = (signal.SIGINT, signal.SIGTERM)
-_pending: List[int] = []
-_defer_depth = [0]
-
-
-def _on_signal(signum, frame):
-    if _defer_depth[0]:
-        _pending.append(signum)  # raised when the critical section ends
-        return
-    raise Interrupted(signum, signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def signals_interrupt():
-    """While inside: SIGINT and SIGTERM raise `Interrupted` in the main thread (so `with` blocks clean up).
-    A no-op off the main thread (where Python cannot install handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, _on_signal) for s in _HANDLED}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """A critical section: a signal arriving inside is raised only when it ends (if our handler is active)."""
-    _defer_depth[0] += 1
-    try:
-        yield
-    finally:
-        _defer_depth[0] -= 1
-    if not _defer_depth[0] and _pending:
-        signum = _pending[0]
-        _pending.clear()
-        raise Interrupted(signum, signal.Signals(signum).name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,7 +451,7 @@ class OutputDirectory:
         mode = 0o777 & ~_current_umask()  # mkdtemp made it 0700; the output follows the umask like mkdir
         os.chmod(self.tmp, mode)
         trash = None
-        with signals_deferred():  # no signal between the renames
+        with signals_interrupt(), signals_deferred():  # no signal between the renames
             if os.path.lexists(self.target):
                 if not self.force:  # appeared while we were merging
                     raise FileExistsError(f"{self.target}: output appeared during the merge; not replacing it")
@@ -518,7 +472,7 @@ class OutputDirectory:
         return self.target
 
     def abort(self) -> None:
-        with signals_deferred():  # a second Ctrl-C does not stop the cleanup halfway
+        with signals_interrupt(), signals_deferred():  # a second Ctrl-C does not stop the cleanup halfway
             for w in self._open:
                 try:
                     w.abort()
