@@ -101,7 +101,7 @@ def _resolve_path(value, base_dir: Optional[Path], where: str, what: str):
     if not p.is_absolute() and base_dir is not None:
         p = base_dir / p
     if not p.exists():
-        raise ConfigError(f"{where}: {what} {excerpt(str(value))} not found (looked at {excerpt(str(p), 200)})")
+        raise ConfigError(f"{where}: {what} {excerpt(str(value), 300)} not found (looked at {excerpt(str(p), 300)})")
     return p
 
 

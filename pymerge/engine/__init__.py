@@ -45,9 +45,9 @@ def merge(config, out_dir, *, force: bool = False, progress: bool = True,
     `config` is a YAML path, a dict or a MergeConfig. An existing `out_dir` is replaced only with force=True,
     and never when it is, contains or lies inside an input.
     """
-    check_target(out_dir, force)  # before any work
-    plan = plan_merge(config, allow_pickle=allow_pickle, allow_foreign_stats=allow_foreign_stats)
-    check_outputs(plan, out_dir)
+    plan = plan_merge(config, allow_pickle=allow_pickle, allow_foreign_stats=allow_foreign_stats)  # headers only
+    check_outputs(plan, out_dir)  # before any work: an input is never a target, --force or not
+    check_target(out_dir, force)
     with OutputDirectory(out_dir, force=force) as out:
         sink = DiskSink(plan, out)
         run_plan(plan, sink, progress, chunk_bytes)

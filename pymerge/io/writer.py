@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +31,11 @@ from pymerge.io.reader import SAFETENSORS_INDEX
 from pymerge.io.safetensors_file import SafetensorsStreamWriter, nbytes
 from pymerge.signals import signals_deferred, signals_interrupt
 
-log = logging.getLogger("pymerge")
+
+
+def _note(message: str) -> None:
+    """What the cleanup of earlier runs did or could not do: one line on stderr (it concerns the user's files)."""
+    print(f"pymerge: {message}", file=sys.stderr)
 
 Entry = Tuple[str, torch.dtype, Tuple[int, ...]]
 
@@ -221,11 +225,10 @@ def remove_stale(target: Union[str, os.PathLike]) -> List[Path]:
             old = d / "old"
             if d.name.split(".")[-1].startswith("old-") and old.is_dir() and not os.path.lexists(target):
                 os.rename(old, target)
-                log.warning("pymerge: restored %s from %s (a merge replacing it was killed midway)", target, d)
+                _note(f"restored {target} from {d} (a merge replacing it was killed midway)")
             shutil.rmtree(d, ignore_errors=True)
             if not os.path.lexists(d):
-                log.warning("pymerge: removed %s, left by an interrupted run (process %s, no longer running)",
-                            d, rec.get("pid"))
+                _note(f"removed {d}, left by an interrupted run (process {rec.get('pid')}, no longer running)")
                 removed.append(d)
             continue
         if alive is True:
@@ -237,8 +240,8 @@ def remove_stale(target: Union[str, os.PathLike]) -> List[Path]:
         if rec is None and age < OWNERLESS_GRACE_S:
             continue  # probably being created right now
         why = "on another host" if rec is not None else "with no owner record (older pymerge?)"
-        log.warning("pymerge: %s was left by an interrupted run %s; if no pymerge process is writing %s, "
-                    "remove it with: rm -rf '%s'", d, why, target, d)
+        _note(f"{d} was left by an interrupted run {why}; if no pymerge process is writing {target}, "
+              f"remove it with: rm -rf '{d}'")
     return removed
 
 
