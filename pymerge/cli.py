@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             raise
         what = f" ({exc.name})" if isinstance(exc, Interrupted) else ""
         code = exc.exit_code if isinstance(exc, Interrupted) else 130
-        print(f"pymerge {args.command}: interrupted{what}; nothing was left half-written", file=sys.stderr)
+        print(f"pymerge {args.command}: interrupted{what}", file=sys.stderr)
         return code
     except BrokenPipeError:  # `pymerge inspect ... | head`: the reader left, nothing to report
         sys.stdout = open(os.devnull, "w")

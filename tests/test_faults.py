@@ -366,6 +366,13 @@ def test_unexpected_errors_are_one_line(zoo, tmp_path, capsys, monkeypatch):
     rc, _, err = run_cli(capsys, ["inspect", zoo["sst"]])
     assert rc == 1 and "Traceback" not in err and "internal error: RuntimeError: a bug" in err and "--debug" in err
 
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmd, "run", ctrl_c)
+    rc, _, err = run_cli(capsys, ["inspect", zoo["sst"]])
+    assert rc == 130 and err.strip() == "pymerge inspect: interrupted"
+
 
 # --------------------------------------------------------------------------------------------------
 # the output directory: disk full, umask, stale temporary directories
