@@ -328,25 +328,25 @@ def check_stats_file(src: TensorSource, model: TensorSource, model_name: str, me
     where = model_name if model.label == model_name else f"{model_name} ({model.label})"
     keys = list(src.keys())
 
-    def others(stored, get):
-        hits = [n for n, fp in fingerprints.items() if n != model_name and stored in get(fp)]
+    def others(matches):
+        hits = [n for n, fp in fingerprints.items() if n != model_name and matches(fp)]
         return (f"; it matches model {', '.join(hits)} of this merge (files swapped?)" if hits
                 else "; it matches no model of this merge")
 
     override = ("Give each model its own file, or set `allow_foreign_stats: true` in the config "
                 "(CLI: --allow-foreign-stats) if this is intended")
     stored = meta.get("structure")
-    if stored and stored not in mine.structures(keys):
+    if stored and not mine.has_structure(stored, keys):
         raise IncompatibleModelsError(
             f"{src.label} was computed on a model of another structure than {where}: structure fingerprint "
-            f"{stored} in the file, {mine.structures(keys)[0]} for the model (names and shapes)"
-            f"{others(stored, lambda fp: fp.structures(keys))}. {override}")
+            f"{stored} in the file, {next(mine.structures(keys))} for the model (names and shapes)"
+            f"{others(lambda fp: fp.has_structure(stored, keys))}. {override}")
     stored = meta.get("weights")
-    if stored and getattr(method, "stats_at_model_weights", True) and stored not in mine.weights(keys):
+    if stored and getattr(method, "stats_at_model_weights", True) and not mine.has_weights(stored, keys):
         raise IncompatibleModelsError(
             f"{src.label} was computed on other weights than model {where}: weights fingerprint {stored} "
-            f"in the file, {mine.weights(keys)[0]} for the model{others(stored, lambda fp: fp.weights(keys))}. "
-            f"{override}")
+            f"in the file, {next(mine.weights_candidates(keys))} for the model"
+            f"{others(lambda fp: fp.has_weights(stored, keys))}. {override}")
 
 
 def input_paths(plan: MergePlan) -> List[Tuple[str, Path]]:

@@ -10,33 +10,13 @@ store's functions on real models.
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from pymerge.io.reader import TensorSource
 
 SAMPLES = 64  # values per tensor in the weights fingerprint (as the store's default)
-
-
-def structure_of(src: TensorSource, names: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(names):
-        h.update(f"{name}:{tuple(src.shape(name))};".encode())
-    return h.hexdigest()[:16]
-
-
-def weights_of(src: TensorSource, names: Iterable[str], samples: int = SAMPLES) -> str:
-    h = hashlib.sha256()
-    for name in sorted(names):
-        n = 1
-        for s in src.shape(name):
-            n *= s
-        if n:
-            idx = torch.linspace(0, n - 1, min(samples, n), dtype=torch.float64).long()
-            h.update(name.encode())
-            h.update(src.read_elements(name, idx.tolist()).float().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def name_sets(src: TensorSource, stats_keys: Optional[Sequence[str]] = None) -> List[List[str]]:
@@ -53,22 +33,55 @@ def name_sets(src: TensorSource, stats_keys: Optional[Sequence[str]] = None) -> 
 
 
 class ModelFingerprints:
-    """Fingerprints of one model source, computed on first use and kept (each costs a pass over the header,
-    the weights one also ~64 small reads per tensor)."""
+    """Fingerprints of one model source, computed on first use and kept. The structure costs a pass over the
+    header; the weights ~64 small reads per tensor, done once per tensor whatever the candidate sets."""
 
     def __init__(self, src: TensorSource):
         self.src = src
-        self._structure: Dict[tuple, str] = {}
-        self._weights: Dict[tuple, str] = {}
+        self._samples: Dict[str, bytes] = {}
+        self._cache: Dict[tuple, str] = {}
 
-    def structures(self, stats_keys=None) -> List[str]:
-        return [self._get(self._structure, structure_of, s) for s in name_sets(self.src, stats_keys)]
+    def structure(self, names: Sequence[str]) -> str:
+        key = ("structure",) + tuple(sorted(names))
+        if key not in self._cache:
+            h = hashlib.sha256()
+            for name in sorted(names):
+                h.update(f"{name}:{tuple(self.src.shape(name))};".encode())
+            self._cache[key] = h.hexdigest()[:16]
+        return self._cache[key]
 
-    def weights(self, stats_keys=None) -> List[str]:
-        return [self._get(self._weights, weights_of, s) for s in name_sets(self.src, stats_keys)]
+    def weights(self, names: Sequence[str]) -> str:
+        key = ("weights",) + tuple(sorted(names))
+        if key not in self._cache:
+            h = hashlib.sha256()
+            for name in sorted(names):
+                sample = self._sample(name)
+                if sample:
+                    h.update(name.encode())
+                    h.update(sample)
+            self._cache[key] = h.hexdigest()[:16]
+        return self._cache[key]
 
-    def _get(self, cache, fn, names):
-        key = tuple(sorted(names))
-        if key not in cache:
-            cache[key] = fn(self.src, names)
-        return cache[key]
+    def _sample(self, name: str) -> bytes:
+        if name not in self._samples:
+            n = 1
+            for s in self.src.shape(name):
+                n *= s
+            if not n:
+                self._samples[name] = b""
+            else:
+                idx = torch.linspace(0, n - 1, min(SAMPLES, n), dtype=torch.float64).long().tolist()
+                self._samples[name] = self.src.read_elements(name, idx).float().numpy().tobytes()
+        return self._samples[name]
+
+    def structures(self, stats_keys=None) -> Iterator[str]:
+        return (self.structure(s) for s in name_sets(self.src, stats_keys))
+
+    def weights_candidates(self, stats_keys=None) -> Iterator[str]:
+        return (self.weights(s) for s in name_sets(self.src, stats_keys))
+
+    def has_structure(self, stored: str, stats_keys=None) -> bool:
+        return any(fp == stored for fp in self.structures(stats_keys))  # stops at the first match
+
+    def has_weights(self, stored: str, stats_keys=None) -> bool:
+        return any(fp == stored for fp in self.weights_candidates(stats_keys))
