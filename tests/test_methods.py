@@ -27,7 +27,8 @@ def _fisher(seed, mode="exact", zero=None):
     t = {k: torch.rand(s, generator=g) + 0.01 for k, s in SHAPES.items()}
     if zero:
         t[zero] = torch.zeros(SHAPES[zero])
-    meta = {"pymerge_fisher": "1", "mode": mode, "num_examples": "4", "structure": "-", "weights": "-"}
+    meta = {"pymerge_fisher": "1", "mode": mode, "num_examples": "4",  # computed on model `seed`
+            "structure": store.structure_fingerprint(MODELS[seed]), "weights": store.weights_fingerprint(MODELS[seed])}
     return store.Fisher(t, meta)
 
 
@@ -146,8 +147,13 @@ def test_mask_fisher_requires_mask_mode():
         _merged(_cfg("mask_fisher", per_model={"fisher": FISHERS}, base=False))
     masks = [_fisher(i, mode="masks") for i in range(M)]
     out = _merged(_cfg("mask_fisher", per_model={"fisher": masks}, base=False))
-    ref = _merged(_cfg("fisher", per_model={"fisher": masks}, base=False))
+    # the same tensors as parameter Fishers: mask-Fisher merging is Fisher merging
+    same = [store.Fisher(m.tensors, {**m.metadata, "mode": "exact"}) for m in masks]
+    ref = _merged(_cfg("fisher", per_model={"fisher": same}, base=False))
     assert all(torch.equal(out[k], ref[k]) for k in SHAPES)
+    # ... but a mask Fisher is not accepted where a parameter Fisher is expected (issue 9)
+    with pytest.raises(ValueError, match="is a masks statistics file"):
+        _merged(_cfg("fisher", per_model={"fisher": masks}, base=False))
 
 
 def test_per_tensor_filters():

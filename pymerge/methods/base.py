@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from pymerge.errors import excerpt
+
 
 class ConfigError(ValueError):
     """A merge configuration is invalid (unknown method or parameter, wrong type, missing value...)."""
@@ -75,13 +77,13 @@ class Param:
             ok = isinstance(value, str)
         if not ok:
             raise ConfigError(f"{where}: parameter {self.name!r} expects {getattr(t, '__name__', t)}, "
-                              f"got {value!r} ({type(value).__name__})")
+                              f"got {excerpt(value)} ({type(value).__name__})")
         if self.choices and value not in self.choices:
-            raise ConfigError(f"{where}: parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
+            raise ConfigError(f"{where}: parameter {self.name!r} must be one of {list(self.choices)}, got {excerpt(value)}")
         if self.check is not None:
             msg = self.check(value)
             if msg:
-                raise ConfigError(f"{where}: parameter {self.name!r} {msg}, got {value!r}")
+                raise ConfigError(f"{where}: parameter {self.name!r} {msg}, got {excerpt(value)}")
         return value
 
 
@@ -123,10 +125,10 @@ def parse_value(param: Param, raw, where: str):
             w = f"{where}: {param.name}[{i}]"
             if not isinstance(entry, Mapping) or "value" not in entry or set(entry) - {"filter", "value"}:
                 raise ConfigError(f"{w}: per-tensor entries must look like {{filter: PATTERN, value: V}} "
-                                  f"(or {{value: V}} as the fallback), got {entry!r}")
+                                  f"(or {{value: V}} as the fallback), got {excerpt(entry)}")
             pattern = entry.get("filter")
             if pattern is not None and not isinstance(pattern, str):
-                raise ConfigError(f"{w}: filter must be a string pattern, got {pattern!r}")
+                raise ConfigError(f"{w}: filter must be a string pattern, got {excerpt(pattern)}")
             rules.append((pattern, param.coerce(entry["value"], w)))
         if not rules:
             raise ConfigError(f"{where}: parameter {param.name!r} is an empty list")
@@ -171,6 +173,9 @@ class MergeMethod:
     needs_base: bool = False
     elementwise: bool = False  # output element j depends only on input elements j: the engine may chunk rows
     fisher_mode: Optional[str] = None  # required `mode` metadata of the file parameter `fisher`, if any
+    # Statistics files are computed on each model's own weights (their weights fingerprint is checked against
+    # the paired model); False for methods whose statistics come from other points (DF-Merge).
+    stats_at_model_weights: bool = True
 
     def param(self, name: str) -> Param:
         for p in self.params:
