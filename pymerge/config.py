@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from pymerge.io.writer import parse_size
-from pymerge.methods.base import REQUIRED, ConfigError, Filtered, MergeMethod, parse_value, suggest
+from pymerge.methods.base import REQUIRED, ConfigError, Filtered, MergeMethod, chain, parse_value, suggest
 from pymerge.methods.registry import get_method
 
 DEFAULT_HEAD_PATTERNS = ("classifier.*", "score.*", "qa_outputs.*", "classification_head.*")
@@ -72,8 +72,9 @@ class MergeConfig:
         for p in self.method.params:
             if p.scope != "model":
                 continue
+            general = self.values.get(p.name, p.default)
             if p.name in self.models[i].values:
-                out[p.name] = self.models[i].values[p.name]
+                out[p.name] = chain(self.models[i].values[p.name], general)
             elif p.name in self.values:
                 out[p.name] = self.values[p.name]
             else:
