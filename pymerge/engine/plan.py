@@ -17,7 +17,7 @@ import torch
 from pymerge.config import MergeConfig, load_config
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
 from pymerge.io.reader import TensorSource, open_fisher, open_source
-from pymerge.methods.base import MergeMethod, pattern_matches
+from pymerge.methods.base import MergeMethod, layer_depth, layer_index, pattern_matches
 
 # Config fields that must agree for two checkpoints to be one architecture.
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -33,6 +33,8 @@ class PlanEntry:
     dtype: torch.dtype            # output dtype
     models: List[int] = field(default_factory=list)  # heads: which models have it
     base_name: Optional[str] = None
+    depth: float = 0.0            # position over the layers in [0, 1] (values that vary across layers)
+    compute_dtype: Optional[torch.dtype] = None  # inputs are cast to this (default: dtype); `out_dtype` differs
 
 
 @dataclass
@@ -229,7 +231,42 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
             e.shape = tuple(owner.shape(e.name))
             d = owner.dtype(e.name)
             e.dtype = cfg.dtype if cfg.dtype is not None and d.is_floating_point else d
+    assign_depths(plan)
+    apply_out_dtype(plan)
     return plan
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def num_layers(source: TensorSource, names: List[str]) -> Optional[int]:
+    """The model's layer count: its config, else the highest numbered layer in the tensor names + 1."""
+    for k in LAYER_COUNT_KEYS:
+        if source.config and isinstance(source.config.get(k), int):
+            return source.config[k]
+    found = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(found) + 1 if found else None
+
+
+def assign_depths(plan: MergePlan) -> None:
+    """Each entry's depth t for gradients: a stacked-slices source knows it per slice (mergekit), otherwise
+    layer / (num_layers - 1), 0 outside the layers."""
+    src = plan.models[0]
+    by_source = getattr(src, "layer_depth", None)
+    n = None if by_source else num_layers(src, [e.name for e in plan.entries])
+    for e in plan.entries:
+        e.depth = by_source(e.name) if by_source else layer_depth(e.name, n)
+
+
+def apply_out_dtype(plan: MergePlan) -> None:
+    """`out_dtype`: merge in the compute dtype, write float tensors in out_dtype (mergekit's dtype/out_dtype)."""
+    out = getattr(plan.config, "out_dtype", None)
+    if out is None:
+        return
+    for e in plan.entries:
+        if e.dtype.is_floating_point:
+            e.compute_dtype = e.dtype
+            e.dtype = out
 
 
 def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEntry]) -> Dict[str, List[TensorSource]]:

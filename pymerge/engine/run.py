@@ -38,19 +38,20 @@ def _check_values(t: torch.Tensor, label: str, name: str, fisher: bool = False) 
 def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[torch.Tensor], dict]:
     """Read (and check) every input of one tensor or row chunk; runs on the prefetch thread."""
     method, check = plan.config.method, plan.config.check_finite
+    dtype = e.compute_dtype or e.dtype
     xs = []
     for m in plan.models:
         t = m.read(e.name, rows)
         if check:
             _check_values(t, m.label, e.name)
-        xs.append(t.to(e.dtype) if t.dtype != e.dtype else t)
+        xs.append(t.to(dtype) if t.dtype != dtype else t)
     base = None
     if method.needs_base:
         base = plan.base.read(e.base_name, rows)
         if check:
             _check_values(base, plan.base.label, e.base_name)
-        if base.dtype != e.dtype:
-            base = base.to(e.dtype)
+        if base.dtype != dtype:
+            base = base.to(dtype)
     aux = {}
     for p, sources in plan.aux.items():
         key = method.aux_key(p, e.name)
@@ -115,8 +116,9 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
                             t = plan.models[i].read(e.name)
                             if cfg.check_finite:
                                 _check_values(t, plan.models[i].label, e.name)
-                            if cfg.dtype is not None and t.is_floating_point():
-                                t = t.to(cfg.dtype)
+                            out_dtype = getattr(cfg, "out_dtype", None) or cfg.dtype
+                            if out_dtype is not None and t.is_floating_point():
+                                t = t.to(out_dtype)
                             sink.head(i, e.name, t)
                 elif e.kind == "copy":
                     sink.main(e.name, plan.models[plan.config_index or 0].read(e.name))
@@ -125,8 +127,9 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
                     if prefetch and j in next_merge:
                         fetch(next_merge[j])
                     xs, base, aux = pending.pop(j).result()
-                    g = {k: resolve(v, e.name, k) for k, v in globals_raw.items()}
-                    mp = [{k: resolve(v, e.name, k) for k, v in m.items() if k not in plan.aux} for m in models_raw]
+                    g = {k: resolve(v, e.name, k, e.depth) for k, v in globals_raw.items()}
+                    mp = [{k: resolve(v, e.name, k, e.depth) for k, v in m.items() if k not in plan.aux}
+                          for m in models_raw]
                     out = method.merge_tensor(TensorInputs(e.name, xs, base, g, mp, aux, state, owned=owned))
                     del xs, base, aux
                     sink.main(e.name, out if out.dtype == e.dtype else out.to(e.dtype))
