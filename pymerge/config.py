@@ -202,10 +202,8 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
         entries = [_model_entry(m, base_dir, f"{src}: models[{i}]") for i, m in enumerate(models_raw)]
         if base is not None and method.needs_base:  # mergekit lists the base among the models
             rest = [e for e in entries if not _same_model(e["model"], base.model)]
-            if len(rest) < len(entries) and all(not e.get("parameters") for e in entries if e not in rest):
-                entries = rest
-            if not entries:
-                raise ConfigError(f"{src}: `models` lists only the base model; nothing to merge into it")
+            if rest and all(not e.get("parameters") for e in entries if e not in rest):
+                entries = rest  # (models that are all the base stay: their task vectors are zero)
     if len(entries) > 15:
         raise ConfigError(f"{src}: at most 15 models can be merged at once, got {len(entries)}")
     if method.needs_base and base is None:
