@@ -201,8 +201,9 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
             raise ConfigError(f"{src}: `models` must be a non-empty list of models (or mergekit's `slices`)")
         entries = [_model_entry(m, base_dir, f"{src}: models[{i}]") for i, m in enumerate(models_raw)]
         if base is not None and method.needs_base:  # mergekit lists the base among the models
-            rest = [e for e in entries if not _same_model(e["model"], base.model)]
-            if rest and all(not e.get("parameters") for e in entries if e not in rest):
+            is_base = [_same_model(e["model"], base.model) for e in entries]
+            rest = [e for e, b in zip(entries, is_base) if not b]
+            if rest and all(not e.get("parameters") for e, b in zip(entries, is_base) if b):
                 entries = rest  # (models that are all the base stay: their task vectors are zero)
     if len(entries) > 15:
         raise ConfigError(f"{src}: at most 15 models can be merged at once, got {len(entries)}")
