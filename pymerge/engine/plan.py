@@ -17,6 +17,7 @@ import torch
 from pymerge.config import MergeConfig, load_config
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
 from pymerge.io.reader import TensorSource, open_fisher, open_source
+from pymerge.engine.tokenizer import apply_tokenizer_source
 from pymerge.methods.base import MergeMethod, layer_depth, layer_index, pattern_matches
 
 # Config fields that must agree for two checkpoints to be one architecture.
@@ -47,6 +48,7 @@ class MergePlan:
     config_index: Optional[int]              # model whose config/tokenizer/head go into the main output
     base_prefix: Tuple[str, str] = ("", "")  # (strip from model name, add) to get the base name
     ignored_base: List[str] = field(default_factory=list)
+    tokenizer: Any = None                    # tokenizer_source: the output tokenizer (engine/tokenizer.py)
 
     @property
     def task_names(self) -> List[str]:
@@ -199,6 +201,7 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
     if cfg.base_model is not None:
         base = open_source(cfg.base_model.model, label=cfg.base_model.name, allow_pickle=cfg.allow_pickle)
     check_architectures(models + ([base] if base is not None else []))
+    models, base, tokenizer = apply_tokenizer_source(cfg, models, base)
 
     use_base = base is not None and method.needs_base
     sv = survey_tensors(models, base if use_base else None, cfg.head_patterns, cfg.dtype)
@@ -224,7 +227,7 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
     config_index = 0
     if cfg.config_from is not None:
         config_index = next((i for i, m in enumerate(cfg.models) if m.name == cfg.config_from), None)
-    plan = MergePlan(cfg, models, base, aux, entries, config_index, prefix, ignored)
+    plan = MergePlan(cfg, models, base, aux, entries, config_index, prefix, ignored, tokenizer=tokenizer)
     for e in entries:  # a head in the main checkpoint is the config_from model's (own dtype unless `dtype`)
         if e.kind == "head":
             owner = models[config_index if config_index in e.models else e.models[0]]
