@@ -203,8 +203,8 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
         if base is not None and method.needs_base:  # mergekit lists the base among the models
             is_base = [_same_model(e["model"], base.model) for e in entries]
             rest = [e for e, b in zip(entries, is_base) if not b]
-            if rest and all(not e.get("parameters") for e, b in zip(entries, is_base) if b):
-                entries = rest  # (models that are all the base stay: their task vectors are zero)
+            if rest:  # its parameters are ignored, as mergekit does (models that are all the base stay)
+                entries = rest
     if len(entries) > 15:
         raise ConfigError(f"{src}: at most 15 models can be merged at once, got {len(entries)}")
     if method.needs_base and base is None:

@@ -30,7 +30,8 @@ class ModelStock(MergeMethod):
     name = "model_stock"
     description = "Model Stock: interpolate base -> average by the task vectors' mean cosine"
     needs_base = True
-    params = (Param("filter_wise", bool, False, help="one ratio per row (output filter) instead of per tensor"),)
+    params = (Param("filter_wise", bool, False, help="one ratio per row (output filter) instead of per tensor"),
+              Param("weight", float, 1.0, scope="model", help="accepted for mergekit configs; no effect (as there)"),)
 
     def validate(self, global_params, model_params):
         if len(model_params) < 2:
@@ -44,7 +45,7 @@ class ModelStock(MergeMethod):
         if t.dim() == 0:
             t = float(t)
             return ops.weighted_sum(list(x.models) + [x.base], [t / n] * n + [1.0 - t])
-        avg = ops.weighted_sum(list(x.models), [1.0 / n] * n).float()
+        avg = sum(m.float() for m in x.models) / n  # fp32: a bf16 average would round before the blend
         shape = (-1,) + (1,) * (x.base.dim() - 1)
         t = t.reshape(shape)
         return t * avg + (1 - t) * x.base.float()

@@ -39,7 +39,8 @@ class Slerp(MergeMethod):
     name = "slerp"
     description = "spherical interpolation from the base model (t=0) to one other model (t=1)"
     needs_base = True
-    params = (Param("t", float, help="interpolation factor (required); a list varies it across layers"),)
+    params = (Param("t", float, help="interpolation factor (required); a list varies it across layers"),
+              Param("weight", float, 1.0, scope="model", help="accepted for mergekit configs; no effect (as there)"),)
 
     def validate(self, global_params, model_params):
         if len(model_params) != 1:

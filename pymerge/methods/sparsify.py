@@ -188,4 +188,8 @@ def family_params(*, normalize: bool, rescale: str, density: float = 1.0, trim_c
 
 
 def float_task_vectors(x) -> List[torch.Tensor]:
-    return [t.float() if t.dtype != torch.float32 else t for t in x.task_vectors()]
+    """τ_i in fp32, subtracted in fp32 (a bf16 / fp16 difference would round before any mask is chosen)."""
+    if x.base.dtype == torch.float32:
+        return x.task_vectors()
+    base = x.base.float()
+    return [m.float() - base for m in x.models]
