@@ -148,13 +148,17 @@ def _mask_della(tv, density, eps, seed, i, name):
 
 def gta(method, base, tvs, mps, gp, name, t):
     consensus, sparsify, norm_default, rescale_default = GTA[method]
-    if method == "ties" and "consensus" in gp:
+    if consensus is not None and "consensus" in gp:
         consensus = gp["consensus"]
     normalize = param("normalize", name, t, None, gp, norm_default)
     rescale = param("rescale", name, t, None, gp, rescale_default)
     lam = param("lambda", name, t, None, gp, 1.0)
     seed = gp.get("seed", 0)
     trim = gp.get("trim_count", "ceil" if method == "ties" else "floor")
+    if rescale is True or rescale == "l1":
+        rescale = True
+    elif rescale in (False, "none"):
+        rescale = False
     weights, kept = [], []
     for i, (tv, mp) in enumerate(zip(tvs, mps)):
         w = param("weight", name, t, mp, gp, 1.0)
@@ -233,7 +237,8 @@ def reference(cfg: dict) -> Dict[str, torch.Tensor]:
         srcs = [(stacked([(s["model"], tuple(s["layer_range"])) for s in col]), col[0].get("parameters"),
                  col[0]["model"]) for col in cols]
     else:
-        srcs = [(whole(m["model"]), m.get("parameters"), m["model"]) for m in cfg["models"]]
+        ms = [m if isinstance(m, dict) else {"model": m} for m in cfg["models"]]
+        srcs = [(whole(m["model"]), m.get("parameters"), m["model"]) for m in ms]
     base = None
     if base_path is not None and method != "linear" and method != "passthrough":
         found = [s for s in srcs if str(s[2]) == str(base_path)]
