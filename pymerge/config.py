@@ -148,6 +148,8 @@ def _same_model(a, b) -> bool:
 def _default_name(model, i) -> str:
     if isinstance(model, Path):
         return model.stem if model.is_file() else model.name
+    if hasattr(model, "adapter_path"):  # PATH+ADAPTER: named after the adapter
+        return model.adapter_path.name
     return f"model{i}"
 
 

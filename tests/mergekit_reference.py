@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 from safetensors.torch import load_file

@@ -1,7 +1,6 @@
 """The mergekit-family methods and options on a tiny Llama family, each against the float64 reference of
 tests/mergekit_reference.py; values across layers; out_dtype; tokenizer_source; LoRA through PEFT."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
