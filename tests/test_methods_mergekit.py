@@ -100,6 +100,10 @@ def test_option_errors_are_named(fam):
         merge_state_dicts(_cfg(fam, "slerp", {"t": 0.5}))
     with pytest.raises(ConfigError, match="model_stock needs at least 2"):
         merge_state_dicts(_cfg(fam, "model_stock", n=1))
+    from pymerge.config import load_config
+
+    with pytest.raises(ConfigError, match="della: model 1: epsilon 0.6 must keep density"):  # before any read
+        load_config(_cfg(fam, "della", {"epsilon": 0.6}, {"density": [1.0, 0.5, 0.5]}))
     with pytest.raises(ConfigError, match="density 0.01 keeps no entry"):
         merge_state_dicts(_cfg(fam, "ties", {"density": 0.01, "trim_count": "floor"}))
 

@@ -17,16 +17,27 @@ def _della_params(normalize, consensus):
     )
 
 
+def _check_epsilon(method: str, where: str, d: float, eps: float) -> None:
+    if d < 1 and (d + eps >= 1 or d - eps <= 0):
+        raise ConfigError(f"{method}: {where}: epsilon {eps} must keep density ± epsilon inside (0, 1) "
+                          f"(density {d})")
+
+
 class _Della(MergeMethod):
     needs_base = True
+
+    def validate(self, global_params, model_params):
+        """Before any tensor is read, where density and epsilon are plain numbers (else per tensor)."""
+        for i, mp in enumerate(model_params):
+            d, eps = mp["density"], mp["epsilon"]
+            if isinstance(d, float) and isinstance(eps, float):
+                _check_epsilon(self.name, f"model {i}", d, eps)
 
     def merge_tensor(self, x):
         p = x.params
         tvs = []
         for i, (tv, d, eps) in enumerate(zip(float_task_vectors(x), x.per_model("density"), x.per_model("epsilon"))):
-            if d < 1 and (d + eps >= 1 or d - eps <= 0):
-                raise ConfigError(f"{self.name}: tensor {x.name!r}, model {i}: epsilon {eps} must keep density "
-                                  f"± epsilon inside (0, 1) (density {d})")
+            _check_epsilon(self.name, f"tensor {x.name!r}, model {i}", d, eps)
             keep = della_mask(tv, d, eps, p["seed"], i, x.name)
             masked = tv * keep
             if p["rescale"] == "inverse" and d < 1:
