@@ -40,6 +40,7 @@ CASES = [
     ("ties", {"density": 0.5, "consensus": "count", "trim_count": "floor"}, {"weight": [1.0, 0.5, 2.0]}),
     ("ties", {"normalize": False, "rescale": True, "lambda": 0.7}, {"density": [0.3, 0.5, 0.9]}),
     ("ties", {"density": 0.4}, None),  # the fused op path
+    ("ties", {"density": 0.45, "trim_count": "floor"}, None),  # fused op, density adjusted to keep int(d·n)
     ("dare_ties", {"consensus": "count", "seed": 3}, {"density": [0.5, 0.7, 0.9], "weight": [0.5, 1.0, 1.5]}),
     ("dare_linear", {"rescale": False, "normalize": True}, {"density": [0.5, 0.7, 0.9]}),
     ("dare_linear", {"lambda": 0.5}, {"density": [0.5, 0.7, 0.9]}),

@@ -11,8 +11,8 @@ does not depend on the order tensors are processed in or on the device.
 from pymerge import ops
 from pymerge.methods.base import MergeMethod, Param, in_range
 from pymerge.methods.registry import register
-from pymerge.methods.sparsify import (combine, family_params, float_task_vectors, magnitude_mask, random_drop,
-                                      tensor_seed)
+from pymerge.methods.sparsify import (combine, family_params, float_task_vectors, fused_density, magnitude_mask,
+                                      random_drop, tensor_seed)
 
 __all__ = ["Dare", "DareTies", "DareLinear", "tensor_seed"]
 
@@ -45,8 +45,9 @@ class Dare(MergeMethod):
             tvs = [random_drop(tv, 1.0 - p, seed, i, x.name, rescale) for i, tv in enumerate(float_task_vectors(x))]
         if x.params["over"] == "ties":
             density, trim = x.params["density"], x.params["trim_count"]
-            if all(w == 1.0 for w in weights) and x.params["consensus"] == "sum" and trim == "ceil":
-                return ops.ties_merge(x.base, tvs, density, lam)
+            fused = fused_density(x.base.numel(), density, trim)
+            if all(w == 1.0 for w in weights) and x.params["consensus"] == "sum" and fused is not None:
+                return ops.ties_merge(x.base, tvs, fused, lam)
             tvs = [t.float() * magnitude_mask(t.float(), density, trim, where=f"dare: tensor {x.name!r}") for t in tvs]
             return combine(x.base, tvs, weights, x.params["consensus"], True, lam)
         coeffs = [lam * w for w in weights]

@@ -42,6 +42,15 @@ def _kth_smallest(mag: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(mag, k).values
 
 
+def fused_density(n: int, density: float, trim_count: str) -> Optional[float]:
+    """The density that makes the fused TIES op (k = ceil(d'·n)) keep the entries `trim_count` asks for:
+    floor -> d' = (k - 1/2) / n with k = int(d·n), so ceil(d'·n) = k whatever the rounding. None: k = 0."""
+    if trim_count == "ceil" or density >= 1:
+        return density
+    k = int(density * n)
+    return (k - 0.5) / n if k >= 1 else None
+
+
 def magnitude_mask(tv: torch.Tensor, density: float, trim_count: str = "ceil", where: str = "") -> torch.Tensor:
     """Keep the k largest |τ| (k = ceil or int of density·n; ties at the threshold all kept)."""
     n = tv.numel()
@@ -88,8 +97,10 @@ def della_keep_probabilities(tv: torch.Tensor, density: float, epsilon: float) -
     """DELLA's MagPrune: keep probability grows linearly with the magnitude rank within each row
     (dim 1; a vector is one row), from density - ε (smallest) to density + ε (largest)."""
     t = tv.unsqueeze(0) if tv.dim() < 2 else tv
-    ranks = torch.argsort(torch.argsort(t.abs(), dim=1), dim=1).to(torch.float32)  # 0-based
+    order = torch.argsort(t.abs(), dim=1)
     n1 = t.shape[1]
+    ranks = torch.empty(t.shape, dtype=torch.float32, device=t.device)  # 0-based rank of each entry (one sort)
+    ranks.scatter_(1, order, torch.arange(n1, dtype=torch.float32, device=t.device).expand(order.shape).contiguous())
     rank_norm = ranks / (n1 - 1) if n1 > 1 else torch.zeros_like(ranks)
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(tv.shape)
 

@@ -3,12 +3,14 @@
 Trimming is per tensor (as mergekit does), never over a flattened whole model. With its defaults (weights 1,
 one density, `normalize: true`, `consensus: sum`, `trim_count: ceil`) a tensor is one fused op
 (`ops.ties_merge`); per-model weights or densities and the other options run the generalized path of
-`sparsify.combine` (mergekit's semantics). mergekit keeps int(d·n) entries: `trim_count: floor`.
+`sparsify.combine` (mergekit's semantics). mergekit keeps int(d·n) entries: `trim_count: floor` (still the
+fused op, with the density adjusted to keep exactly that many).
 """
 from pymerge import ops
 from pymerge.methods.base import MergeMethod
 from pymerge.methods.registry import register
-from pymerge.methods.sparsify import apply_rescale, combine, family_params, float_task_vectors, magnitude_mask
+from pymerge.methods.sparsify import (apply_rescale, combine, family_params, float_task_vectors, fused_density,
+                                      magnitude_mask)
 
 
 @register
@@ -22,9 +24,10 @@ class Ties(MergeMethod):
         p = x.params
         weights, densities = x.per_model("weight"), x.per_model("density")
         fused = (all(w == 1.0 for w in weights) and len(set(densities)) == 1 and p["normalize"]
-                 and p["consensus"] == "sum" and p["trim_count"] == "ceil" and p["rescale"] == "none")
-        if fused:
-            return ops.ties_merge(x.base, x.task_vectors(), densities[0], p["lambda"])
+                 and p["consensus"] == "sum" and p["rescale"] == "none")
+        density = fused_density(x.base.numel(), densities[0], p["trim_count"]) if fused else None
+        if density is not None:
+            return ops.ties_merge(x.base, x.task_vectors(), density, p["lambda"])
         tvs = float_task_vectors(x)
         tvs = [apply_rescale(t, t * magnitude_mask(t, d, p["trim_count"], where=f"ties: tensor {x.name!r}"),
                              p["rescale"], keep_prob=d) for t, d in zip(tvs, densities)]
