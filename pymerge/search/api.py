@@ -48,9 +48,9 @@ class DFMergeResult:
 _WORKER = None
 
 
-def _init_worker(pretrained, finetuned, tasks, kwargs, devices) -> None:
+def _init_worker(pretrained, finetuned, tasks, kwargs, devices, workers) -> None:
     global _WORKER
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
     device = devices.get() if devices is not None else kwargs.get("device")
     _WORKER = DFMergeObjective(pretrained, finetuned, tasks, **{**kwargs, "device": device})
 
@@ -60,7 +60,8 @@ def _worker_evaluate(lambdas):
 
 
 def _make_pool(workers: int, pretrained, finetuned, tasks, kwargs):
-    """One spawned process per worker, each with its own working model (on its own GPU where there are several)."""
+    """One spawned process per worker, each with its own working model (on its own GPU where there are
+    several). Spawn, not fork: a forked child of a process whose OpenMP / CUDA threads are running can hang."""
     from concurrent.futures import ProcessPoolExecutor
 
     import torch.multiprocessing as tmp
@@ -72,7 +73,7 @@ def _make_pool(workers: int, pretrained, finetuned, tasks, kwargs):
         for w in range(workers):
             devices.put(f"cuda:{w % torch.cuda.device_count()}")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(pretrained, finetuned, tasks, kwargs, devices))
+                               initargs=(pretrained, finetuned, tasks, kwargs, devices, workers))
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -136,6 +137,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     comes from that model). optimizer: "gp-ei" | "gp-ucb" (n_init random points then n_iter GP steps; beta /
     xi set UCB's β and EI's ξ) | "grid" | any nevergrad name (budget n_init + n_iter). Ablations: use_fisher=False
     (general task arithmetic with searched λ); search=False (Fisher merging: λ_i = 1/M, Fishers at θ_i).
+    workers > 1: a batch of `workers` points per ask, each evaluated in its own spawned process.
     log: JSONL trial log (resume=True continues it after a crash). out_dir: write the best merged model (HF
     directory, heads per task) and the report there (REPORT_NAME) atomically; report: the JSON report elsewhere.
     """
