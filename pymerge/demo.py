@@ -53,7 +53,7 @@ def run_demo(out_dir: str = DEFAULT_OUT, steps: int = 120, fisher_examples: int 
     from pymerge.eval.classification import accuracy, make_batches
     from pymerge.eval.datasets import load_sentiment, load_topics
     from pymerge.io import load_with_head
-    from pymerge.merge import merge
+    from pymerge.engine import merge
 
     out = Path(out_dir)
     if base_path is None:

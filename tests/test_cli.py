@@ -70,32 +70,43 @@ def test_inspect_command(zoo, capsys):
     assert "shared tensors: 39" in out and "classifier.weight" in out and "mergeable: yes" in out
     assert main(["inspect", str(zoo["sst"]), str(zoo["topic"]), "--head-pattern", "nothing.*"]) == 1
     out = capsys.readouterr().out
-    assert "SHAPES differ" in out and "classifier.weight: (2, 8)" in out and "mergeable: NO" in out
+    assert "SHAPES differ" in out and "'classifier.weight' has shapes (2, 8)" in out and "mergeable: NO" in out
     assert main(["inspect", str(zoo["sst"]), str(zoo["gpt2_ft0"])]) == 1
     assert "model_type" in capsys.readouterr().out
     assert main(["inspect", "/nonexistent/model"]) == 1
     assert "model not found" in capsys.readouterr().err
 
 
-def test_fisher_subcommand_is_lazy(capsys):
-    # `pymerge merge` must not import the Fisher engine; `pymerge fisher` reports clearly when it is absent
+def test_help_and_usage_errors_do_not_import_torch():
+    # `pymerge --help`, `pymerge merge --help` and argument errors stay fast: no torch, no Fisher engine
     code = ("import sys; from pymerge.cli import main\n"
-            "try:\n    main(['merge', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print('pymerge.fisher.command' in sys.modules)")
+            "for argv in (['--help'], ['merge', '--help'], ['merge'], ['nosuchcommand'], ['--version']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'pymerge.fisher.command' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.stdout.strip().endswith("False"), r.stderr
-    try:
-        import pymerge.fisher.command  # noqa: F401
-    except ImportError:
-        assert main(["fisher", "model", "--data", "x.jsonl", "-o", "f.safetensors"]) == 2
-        assert "Fisher engine (pymerge.fisher.command) is not available" in capsys.readouterr().err
-    else:
-        with pytest.raises(SystemExit) as exc:
-            main(["fisher", "--help"])
-        assert exc.value.code == 0 and "--data" in capsys.readouterr().out
+    assert r.stdout.strip().splitlines()[-1] == "False False", r.stdout + r.stderr
+    assert "pymerge 0." in r.stdout  # --version
 
 
+def test_fisher_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fisher", "--help"])
+    assert exc.value.code == 0 and "--data" in capsys.readouterr().out
+
+
+def test_merge_output_positional_or_option(zoo, tmp_path, capsys):
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: average\nmodels: [{zoo['sst']}, {zoo['rte']}]\n")
+    assert main(["merge", str(cfg), str(tmp_path / "a"), "--no-progress"]) == 0
+    assert main(["merge", str(cfg), "-o", str(tmp_path / "b"), "--no-progress"]) == 0
+    a, b = em.load_dir(tmp_path / "a"), em.load_dir(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["merge", str(cfg), "--no-progress"]) == 2
+    assert "no output directory" in capsys.readouterr().err
+    assert main(["merge", str(cfg), str(tmp_path / "c"), "-o", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "two different outputs" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_merge_command_allow_pickle(zoo, tmp_path, capsys):

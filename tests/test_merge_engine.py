@@ -12,7 +12,7 @@ import engine_models as em
 import pymerge
 from pymerge.config import ConfigError
 from pymerge.io import CheckpointError, IncompatibleModelsError
-from pymerge.merge import merge_state_dicts
+from pymerge.engine import merge_state_dicts
 
 TASKS = ("sst", "rte", "topic")
 

@@ -5,7 +5,7 @@ import torch
 from pymerge import ops
 from pymerge.config import load_config
 from pymerge.fisher import store
-from pymerge.merge import merge_state_dicts
+from pymerge.engine import merge_state_dicts
 from pymerge.methods import ConfigError, MergeMethod, Param, available, get_method, register
 from pymerge.methods.dare import tensor_seed
 

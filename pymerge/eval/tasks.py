@@ -14,7 +14,7 @@ An example is a mapping with "label" (an int; for multiple choice also the text 
 "text" (+ optional "text_pair"; needs `tokenizer`) or "input_ids" (a list of token ids); `(text, label)` tuples
 are accepted too. Choices are strings (tokenised) or lists of token ids.
 
-Batches have the formats of pymerge.fisher.objectives, so the same batches feed `pymerge.fisher.estimate`
+Batches have the formats of pymerge.stats.logprobs, so the same batches feed `pymerge.fisher.estimate`
 (`fisher_batches`) and the evaluation (`evaluate`).
 """
 from __future__ import annotations
@@ -201,7 +201,7 @@ class Task:
     # ------------------------------------------------------------------ batches
     def batches(self, model, split: str = "validation", batch_size: Optional[int] = None, labels: bool = True,
                 limit: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
-        """CPU batches of `split` in the format `model` takes (pymerge.fisher.objectives' formats)."""
+        """CPU batches of `split` in the format `model` takes (pymerge.stats.logprobs' formats)."""
         items = self.split(split)
         if limit is not None:
             items = items[:limit]
