@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("merge", "inspect", "fisher", "stats", "demo")
+COMMANDS = ("merge", "inspect", "fisher", "stats", "demo", "search")
 
 EPILOG = "Run `pymerge COMMAND --help` for a command's options. Documentation: README.md of the project."
 
