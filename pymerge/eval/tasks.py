@@ -97,6 +97,9 @@ class Task:
         items = []
         for n, ex in enumerate(examples):
             at = f"{where} example {n}"
+            if isinstance(ex, _Item):  # already checked (dataclasses.replace of a Task)
+                ex = {k: v for k, v in (("input_ids", ex.ids), ("text", ex.text), ("text_pair", ex.text_pair),
+                                        ("choices", ex.choices), ("label", ex.label)) if v is not None}
             if isinstance(ex, tuple) and len(ex) == 2:
                 ex = {"text": ex[0], "label": ex[1]}
             if not isinstance(ex, Mapping):
