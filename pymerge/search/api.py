@@ -128,7 +128,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
             log: Union[str, os.PathLike, None] = None, resume: bool = False, overwrite: bool = False,
             out_dir: Union[str, os.PathLike, None] = None, force: bool = False, report: Union[str, os.PathLike, None] = None,
             progress: bool = True, eps: float = 1e-8, batch_size: Optional[int] = None,
-            memory_limit: Optional[int] = None) -> DFMergeResult:
+            memory_limit: Optional[int] = None, fisher_options: Optional[dict] = None) -> DFMergeResult:
     """DF-Merge (Lee et al. 2025): search λ ∈ [lo, hi]^M maximising the mean validation metric (or `objective`)
     of θ_pre + M Σ F_i λ_i τ_i / Σ F_i with F_i the exact Fisher at θ_pre + λ_i τ_i on `fisher_examples`
     unlabelled inputs of task i.
@@ -138,6 +138,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     xi set UCB's β and EI's ξ) | "grid" | any nevergrad name (budget n_init + n_iter). Ablations: use_fisher=False
     (general task arithmetic with searched λ); search=False (Fisher merging: λ_i = 1/M, Fishers at θ_i).
     workers > 1: a batch of `workers` points per ask, each evaluated in its own spawned process.
+    fisher_options: extra arguments of `pymerge.fisher.estimate` (e.g. batched_backward, max_rounds_per_backward).
     log: JSONL trial log (resume=True continues it after a crash). out_dir: write the best merged model (HF
     directory, heads per task) and the report there (REPORT_NAME) atomically; report: the JSON report elsewhere.
     """
@@ -153,7 +154,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     if xi is not None:
         options["xi"] = float(xi)
     kwargs = dict(fisher_examples=fisher_examples, use_fisher=use_fisher, objective=objective, device=device,
-                  eps=eps, batch_size=batch_size, memory_limit=memory_limit)
+                  eps=eps, batch_size=batch_size, memory_limit=memory_limit, fisher_options=fisher_options)
     obj = DFMergeObjective(pretrained, finetuned, tasks, **kwargs)
     M = len(tasks)
     header = {"tasks": [t.name for t in tasks], "metrics": [metric_name(t.metric) for t in tasks],
