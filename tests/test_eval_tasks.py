@@ -8,6 +8,15 @@ from tests import fisher_models as fm
 from tests.eval_fixtures import choice_examples, classification_examples
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: thread hand-offs cost more than the maths (and the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _slow_choice_scores(model, ex, length_normalize):
     """One example, one choice at a time, no padding: the answer's (mean) token log-likelihood."""
     scores = []

@@ -2,6 +2,7 @@
 import json
 import random
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,15 @@ from pymerge.search.api import REPORT_NAME, engine_config
 from pymerge.search.log import TrialLogError
 from pymerge.search.objective import DFMergeObjective, InsufficientMemoryError
 from tests.search_models import bert_zoo, gpt2_zoo, t5_zoo
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: thread hand-offs cost more than the maths (and the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 FAST = dict(n_init=2, n_iter=2, fisher_examples=3, progress=False)
 
@@ -95,7 +105,7 @@ def test_same_seed_same_trajectory_and_other_seed_differs(tmp_path):
     assert set(logged[1]["seconds"]) == {"fisher", "combine", "evaluate"}
 
 
-@pytest.mark.parametrize("optimizer", ["gp-ucb", "CMA"])
+@pytest.mark.parametrize("optimizer", ["gp-ucb", "TwoPointsDE"])
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, optimizer):
     """Killed at a random evaluation (an exception mid-evaluation, plus a half-written last line as kill -9
     leaves it): the resumed run does not repeat finished evaluations and gives the same λ and metrics."""
@@ -177,7 +187,8 @@ def test_gp_reaches_the_optimum_of_a_smooth_function_in_fewer_evaluations_than_r
 
     def evaluations_to_optimum(name, seed, budget=40):
         opt = optimizers.make_optimizer(name, 2, budget=budget, seed=seed,
-                                        options={"n_init": 5} if name.startswith("gp") else None)
+                                        options={"n_init": 5, "candidates": 512, "restarts": 2}
+                                        if name.startswith("gp") else None)
         for k in range(budget):
             cand = opt.ask()
             y = f(optimizers.values(cand))
@@ -186,14 +197,14 @@ def test_gp_reaches_the_optimum_of_a_smooth_function_in_fewer_evaluations_than_r
                 return k + 1
         return budget + 1
 
-    seeds = range(4)
+    seeds = range(3)
     mean = {n: np.mean([evaluations_to_optimum(n, s) for s in seeds]) for n in ("gp-ei", "gp-ucb", "random")}
     assert mean["gp-ei"] < mean["random"] and mean["gp-ucb"] < mean["random"], mean
 
 
 def test_any_nevergrad_optimizer_and_grid_by_name():
     base, fts, tasks = bert_zoo()
-    for name in ("NGOpt", "DE", "RandomSearch"):
+    for name in ("NGOpt", "RandomSearch"):
         res = pymerge.dfmerge(base, fts, tasks, optimizer=name, **dict(FAST, n_iter=1))
         assert len(res.trials) == 3
     # the grid walks a regular lattice in order: 2 steps per coordinate over [0.2, 0.6]
@@ -217,6 +228,7 @@ def test_patience_and_user_objective():
     assert res.objective == -abs(res.validation["t0"] - 0.5)
 
 
+@pytest.mark.slow  # two spawned processes import torch + transformers
 def test_workers_evaluate_a_batch_in_processes_like_one_process(tmp_path):
     """workers=2: two spawned processes, each with its own working model, give the trajectory that the same
     batched ask / tell gives evaluated in this process."""
@@ -230,7 +242,14 @@ def test_workers_evaluate_a_batch_in_processes_like_one_process(tmp_path):
 
     base, fts, tasks = bert_zoo()
     obj = DFMergeObjective(base, fts, tasks, fisher_examples=3)
-    inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=Inline(), progress=False, seed=5)
+    # each worker runs with cpu_count // workers threads; floating-point sums depend on the thread count, so the
+    # in-process reference uses the same (else a metric may flip at a decision boundary)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=Inline(), progress=False, seed=5)
+    finally:
+        torch.set_num_threads(threads)
     res = pymerge.dfmerge(base, fts, tasks, workers=2, seed=5, log=tmp_path / "w.jsonl", **FAST)
     assert _same_trials(res.trials, inline)
 

@@ -1,6 +1,6 @@
 """How a model answers a batch: class logits of a classification head, or per-choice log-likelihoods of an LM.
 
-Multiple-choice scores reuse the Fisher objectives (pymerge.fisher.objectives), so the model is scored on
+Multiple-choice scores reuse the statistics log-probabilities (pymerge.stats.logprobs), so the model is scored on
 exactly the distribution its exact Fisher is taken over: causal LMs run context + answer per choice; T5 runs
 the encoder once per example and all its answers through the decoder as one batch.
 """
@@ -10,7 +10,7 @@ from typing import Dict
 
 import torch
 
-from pymerge.fisher import objectives
+from pymerge.stats import logprobs as objectives
 
 
 def _no_rows(rows: int) -> None:  # the objectives tell Fisher hooks the batch size; nothing listens here

@@ -14,7 +14,7 @@ An example is a mapping with "label" (an int; for multiple choice also the text 
 "text" (+ optional "text_pair"; needs `tokenizer`) or "input_ids" (a list of token ids); `(text, label)` tuples
 are accepted too. Choices are strings (tokenised) or lists of token ids.
 
-Batches have the formats of pymerge.fisher.objectives, so the same batches feed `pymerge.fisher.estimate`
+Batches have the formats of pymerge.stats.logprobs, so the same batches feed `pymerge.fisher.estimate`
 (`fisher_batches`) and the evaluation (`evaluate`).
 """
 from __future__ import annotations
@@ -97,6 +97,9 @@ class Task:
         items = []
         for n, ex in enumerate(examples):
             at = f"{where} example {n}"
+            if isinstance(ex, _Item):  # already checked (dataclasses.replace of a Task)
+                ex = {k: v for k, v in (("input_ids", ex.ids), ("text", ex.text), ("text_pair", ex.text_pair),
+                                        ("choices", ex.choices), ("label", ex.label)) if v is not None}
             if isinstance(ex, tuple) and len(ex) == 2:
                 ex = {"text": ex[0], "label": ex[1]}
             if not isinstance(ex, Mapping):
@@ -201,7 +204,7 @@ class Task:
     # ------------------------------------------------------------------ batches
     def batches(self, model, split: str = "validation", batch_size: Optional[int] = None, labels: bool = True,
                 limit: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
-        """CPU batches of `split` in the format `model` takes (pymerge.fisher.objectives' formats)."""
+        """CPU batches of `split` in the format `model` takes (pymerge.stats.logprobs' formats)."""
         items = self.split(split)
         if limit is not None:
             items = items[:limit]

@@ -48,9 +48,9 @@ class DFMergeResult:
 _WORKER = None
 
 
-def _init_worker(pretrained, finetuned, tasks, kwargs, devices) -> None:
+def _init_worker(pretrained, finetuned, tasks, kwargs, devices, workers) -> None:
     global _WORKER
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
     device = devices.get() if devices is not None else kwargs.get("device")
     _WORKER = DFMergeObjective(pretrained, finetuned, tasks, **{**kwargs, "device": device})
 
@@ -60,7 +60,8 @@ def _worker_evaluate(lambdas):
 
 
 def _make_pool(workers: int, pretrained, finetuned, tasks, kwargs):
-    """One spawned process per worker, each with its own working model (on its own GPU where there are several)."""
+    """One spawned process per worker, each with its own working model (on its own GPU where there are
+    several). Spawn, not fork: a forked child of a process whose OpenMP / CUDA threads are running can hang."""
     from concurrent.futures import ProcessPoolExecutor
 
     import torch.multiprocessing as tmp
@@ -72,7 +73,7 @@ def _make_pool(workers: int, pretrained, finetuned, tasks, kwargs):
         for w in range(workers):
             devices.put(f"cuda:{w % torch.cuda.device_count()}")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(pretrained, finetuned, tasks, kwargs, devices))
+                               initargs=(pretrained, finetuned, tasks, kwargs, devices, workers))
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -114,6 +115,9 @@ def engine_config(obj: DFMergeObjective, pretrained, finetuned, lambdas, eps: fl
            "models": models, "heads": "keep"}
     if obj.use_fisher:
         cfg["parameters"] = {"eps": eps}
+        # these Fishers were just estimated on the working model (body of θ_pre + λ_i τ_i, the head of the task
+        # swapped in), so their pairing with the models is known; their fingerprints describe the working model
+        cfg["allow_foreign_stats"] = True
     return cfg
 
 
@@ -127,7 +131,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
             log: Union[str, os.PathLike, None] = None, resume: bool = False, overwrite: bool = False,
             out_dir: Union[str, os.PathLike, None] = None, force: bool = False, report: Union[str, os.PathLike, None] = None,
             progress: bool = True, eps: float = 1e-8, batch_size: Optional[int] = None,
-            memory_limit: Optional[int] = None) -> DFMergeResult:
+            memory_limit: Optional[int] = None, fisher_options: Optional[dict] = None) -> DFMergeResult:
     """DF-Merge (Lee et al. 2025): search λ ∈ [lo, hi]^M maximising the mean validation metric (or `objective`)
     of θ_pre + M Σ F_i λ_i τ_i / Σ F_i with F_i the exact Fisher at θ_pre + λ_i τ_i on `fisher_examples`
     unlabelled inputs of task i.
@@ -136,6 +140,8 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     comes from that model). optimizer: "gp-ei" | "gp-ucb" (n_init random points then n_iter GP steps; beta /
     xi set UCB's β and EI's ξ) | "grid" | any nevergrad name (budget n_init + n_iter). Ablations: use_fisher=False
     (general task arithmetic with searched λ); search=False (Fisher merging: λ_i = 1/M, Fishers at θ_i).
+    workers > 1: a batch of `workers` points per ask, each evaluated in its own spawned process.
+    fisher_options: extra arguments of `pymerge.fisher.estimate` (e.g. batched_backward, max_rounds_per_backward).
     log: JSONL trial log (resume=True continues it after a crash). out_dir: write the best merged model (HF
     directory, heads per task) and the report there (REPORT_NAME) atomically; report: the JSON report elsewhere.
     """
@@ -151,7 +157,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     if xi is not None:
         options["xi"] = float(xi)
     kwargs = dict(fisher_examples=fisher_examples, use_fisher=use_fisher, objective=objective, device=device,
-                  eps=eps, batch_size=batch_size, memory_limit=memory_limit)
+                  eps=eps, batch_size=batch_size, memory_limit=memory_limit, fisher_options=fisher_options)
     obj = DFMergeObjective(pretrained, finetuned, tasks, **kwargs)
     M = len(tasks)
     header = {"tasks": [t.name for t in tasks], "metrics": [metric_name(t.metric) for t in tasks],

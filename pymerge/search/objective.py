@@ -94,7 +94,8 @@ class DFMergeObjective:
     def __init__(self, pretrained, finetuned: Sequence, tasks: Sequence[Task], *, fisher_examples: int = 30,
                  use_fisher: bool = True, objective: Optional[Callable[[Dict[str, float]], float]] = None,
                  device: Union[str, torch.device, None] = None, eps: float = 1e-8, batch_size: Optional[int] = None,
-                 memory_limit: Optional[int] = None, head_patterns: Optional[Sequence[str]] = None):
+                 memory_limit: Optional[int] = None, head_patterns: Optional[Sequence[str]] = None,
+                 fisher_options: Optional[dict] = None):
         if not isinstance(finetuned, (list, tuple)) or not finetuned:
             raise ValueError("finetuned: expected a non-empty list of models (one per task)")
         if not isinstance(tasks, (list, tuple)) or len(tasks) != len(finetuned):
@@ -117,8 +118,12 @@ class DFMergeObjective:
         self.user_objective = objective
         self.eps = float(eps)
         self.batch_size = batch_size
+        self.fisher_options = dict(fisher_options or {})
         self.device = torch.device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        # exact mode: the C class rounds as C streamed backwards on CPU (faster there, bench/README "Fisher
+        # engine"), one vmapped backward elsewhere; the Fisher is the same either way
+        self.fisher_options.setdefault("batched_backward", self.device.type != "cpu")
         patterns = tuple(head_patterns) if head_patterns is not None else _head_patterns()
         self._build(pretrained, finetuned, patterns, memory_limit)
 
@@ -228,7 +233,8 @@ class DFMergeObjective:
         self.use_head(i)
         task = self.tasks[i]
         batches = fisher_batches(self.model, task, self.fisher_examples, self.batch_size)
-        fisher = estimate(self.model, batches, mode="exact", length_normalize=task.length_normalize)
+        fisher = estimate(self.model, batches, mode="exact", length_normalize=task.length_normalize,
+                          **self.fisher_options)
         self.fisher_objects[i] = fisher
         return [fisher.tensors[n].to(self.device, non_blocking=True) for n in self.body_names]
 
