@@ -232,3 +232,22 @@ def test_landscape_grid_equals_an_independent_evaluation():
         dfm = {n: ops.dfmerge_combine_reference(pre[n], [bodies[0][n] - pre[n], bodies[1][n] - pre[n]],
                                                 [fishers[0][n], fishers[1][n]], list(lams)) for n in pre}
         assert grid["dfmerge"][j][i] == pytest.approx(mean_score(dfm), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_plot_landscape_from_a_search_config(tmp_path, capsys):
+    """`pymerge plot landscape search.yml`: the same YAML as `pymerge search` (two models), computed and drawn."""
+    pytest.importorskip("pymerge.search")
+    from pymerge import cli
+    from tests import engine_models as em
+    from tests.test_search_cli import _config
+
+    cfg = _config(tmp_path, em.build_zoo(tmp_path / "zoo"))
+    png, grid_file = tmp_path / "l.png", tmp_path / "g.json"
+    assert cli.main(["plot", "landscape", str(cfg), "-o", str(png), "--resolution", "2", "--range", "0.5", "1",
+                     "--fisher-examples", "3", "--save-grid", str(grid_file)]) == 0
+    grid = json.loads(grid_file.read_text())
+    assert grid["axis"] == [0.5, 1.0] and grid["tasks"] == ["sst", "topic"] and grid["fisher_examples"] == 3
+    for key in ("general_task_arithmetic", "dfmerge"):
+        assert all(0.0 <= v <= 1.0 for row in grid[key] for v in row)
+    assert png.read_bytes()[:8] == PNG_MAGIC

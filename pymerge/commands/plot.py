@@ -10,7 +10,8 @@ the coefficients of the best-so-far point (bottom) against the trial number, the
 
 landscape: the mean validation metric over a grid of (λ1, λ2) for general task arithmetic beside DF-Merge, for
 two fine-tuned models. SOURCE is a landscape grid JSON (written by `pymerge demo` to OUT/plots/landscape.json or
-by pymerge.plots.save_landscape_grid), or a search config YAML with two models, computed at --resolution.
+by pymerge.plots.save_landscape_grid), or a `pymerge search` config YAML with two models, computed at
+--resolution.
 
   pymerge plot landscape demo-out/plots/landscape.json -o landscape.png
   pymerge plot landscape search.yml -o landscape.png --resolution 11 --save-grid grid.json"""
@@ -54,19 +55,16 @@ def run(args) -> int:
 
 
 def _compute_from_config(args, plots) -> dict:
+    """The landscape of a `pymerge search` config's two models (same YAML: base model, models, per-task data)."""
+    from pymerge.commands.search import build_tasks, load_config
     from pymerge.errors import UsageError
 
-    try:
-        from pymerge.search.config import load_search_config
-    except ImportError as exc:
-        raise UsageError(f"{args.source}: computing a landscape from a search config needs the search config "
-                         f"loader (pymerge.search.config), which this install lacks ({exc}); pass a landscape "
-                         f"grid JSON instead") from exc
-    spec = load_search_config(args.source)
-    if len(spec.finetuned) != 2:
+    base, entries, search = load_config(args.source)
+    if len(entries) != 2:
         raise UsageError(f"{args.source}: a landscape needs exactly 2 fine-tuned models, the config has "
-                         f"{len(spec.finetuned)}")
-    grid = plots.landscape_grid(spec.pretrained, spec.finetuned, spec.tasks, resolution=args.resolution,
+                         f"{len(entries)}")
+    tasks = build_tasks(entries)
+    grid = plots.landscape_grid(base, [m for m, _, _ in entries], tasks, resolution=args.resolution,
                                 bounds=tuple(args.range), fisher_examples=args.fisher_examples)
     if args.save_grid:
         print(f"wrote {plots.save_landscape_grid(grid, args.save_grid, overwrite=args.force)}")
