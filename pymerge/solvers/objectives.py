@@ -115,10 +115,10 @@ class GramObjective(Objective):
         CG is invariant under an orthogonal change of basis (inner products and Krylov spaces map onto each
         other), so it takes the same steps, with the same residuals and objectives, for an elementwise matvec
         instead of a [k, d'] x [d', d'] product per step; the eigendecomposition costs about as much as a few
-        of those products. float64 eigh, so the rotation adds only rounding at the working precision."""
-        e, q = torch.linalg.eigh(self.gram.double())
-        return RotatedObjective(e.to(self.gram.dtype), q.to(self.gram.dtype), self.b @ q.to(self.gram.dtype),
-                                self.constant)
+        of those products. The eigh runs at the working precision (fp32: Q orthogonal to ~1e-6, the rounding
+        the fp32 Grams carry anyway; pass float64 data for more)."""
+        e, q = torch.linalg.eigh(self.gram)
+        return RotatedObjective(e, q, self.b @ q, self.constant)
 
 
 class RotatedObjective(Objective):
