@@ -31,6 +31,7 @@ bench: build
 	PYTHONPATH=. $(PY) bench/merge_ops.py --quick
 	PYTHONPATH=. $(PY) bench/fisher.py --quick
 	PYTHONPATH=. $(PY) bench/mask_fisher.py --quick
+	PYTHONPATH=. $(PY) bench/stats.py --quick
 	PYTHONPATH=. $(PY) bench/engine.py --quick
 	PYTHONPATH=. $(PY) bench/mats.py --quick
 

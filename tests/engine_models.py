@@ -49,7 +49,7 @@ def fisher_for(state, seed, path: Path, mode="exact"):
     g = torch.Generator().manual_seed(seed)
     tensors = {k: torch.rand(v.shape, generator=g) ** 2 + 1e-3 for k, v in state.items() if v.is_floating_point()}
     meta = {"pymerge_fisher": "1", "mode": mode, "num_examples": "8",
-            "structure": store.structure_fingerprint(tensors), "weights": "test"}
+            "structure": store.structure_fingerprint(state), "weights": store.weights_fingerprint(state)}
     store.save(path, store.Fisher(tensors, meta))
     return path
 

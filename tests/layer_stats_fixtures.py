@@ -59,14 +59,16 @@ def layer_statistics(model, batches, kind="gram", skip=("classifier", "score", "
     finally:
         for h in handles:
             h.remove()
+    from pymerge.stats.store import structure_fingerprint, weights_fingerprint
+
     tensors = {}
     for name, info in layers.items():
         info["tokens"] = counts[name]
         for suffix in ((".gram",) if kind == "gram" else (".kfac_in", ".kfac_out")):
             tensors[name + suffix] = (acc[name + suffix] / counts[name]).float().contiguous()
     meta = {"pymerge_stats": "1", "kind": kind, "mode": "empirical" if kind == "kfac" else "inputs",
-            "num_examples": str(sum(b["input_ids"].shape[0] for b in batches)), "structure": "test",
-            "weights": "test", "layers": json.dumps(layers)}
+            "num_examples": str(sum(b["input_ids"].shape[0] for b in batches)), "layers": json.dumps(layers),
+            "structure": structure_fingerprint(model), "weights": weights_fingerprint(model)}
     return tensors, meta
 
 

@@ -32,6 +32,9 @@ def _worker(rank, world, port, out_dir):
             fisher = pf.estimate(model, _batches(), mode=mode, num_samples=2)
             if rank == 0:
                 pf.save(os.path.join(out_dir, f"{mode}.safetensors"), fisher)
+        masks = ps.collect(model, _batches(), kind="masks", mode="exact")
+        if rank == 0:
+            ps.save(os.path.join(out_dir, "masks.safetensors"), masks)
         for kind in LAYER_KINDS:  # GPT-2: Conv1D layers, padded rows masked, uneven token counts per rank
             stats = ps.collect(fm.gpt2_classifier(), _batches(), kind=kind)
             if rank == 0:
@@ -61,3 +64,8 @@ def test_two_processes_give_the_one_process_fisher(tmp_path):
         assert two.metadata == one.metadata and two.layers["score"]["tokens"] == 32  # all unpadded rows
         for k in one.keys():
             torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-9)
+    one = ps.collect(model, _batches(), kind="masks", mode="exact")
+    two = ps.load(tmp_path / "masks.safetensors")
+    assert two.metadata == one.metadata and one.metadata["num_examples"] == "8"
+    for k in one.keys():
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-12)

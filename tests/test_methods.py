@@ -27,7 +27,8 @@ def _fisher(seed, mode="exact", zero=None):
     t = {k: torch.rand(s, generator=g) + 0.01 for k, s in SHAPES.items()}
     if zero:
         t[zero] = torch.zeros(SHAPES[zero])
-    meta = {"pymerge_fisher": "1", "mode": mode, "num_examples": "4", "structure": "-", "weights": "-"}
+    meta = {"pymerge_fisher": "1", "mode": mode, "num_examples": "4",  # computed on model `seed`
+            "structure": store.structure_fingerprint(MODELS[seed]), "weights": store.weights_fingerprint(MODELS[seed])}
     return store.Fisher(t, meta)
 
 
@@ -57,8 +58,10 @@ def _close(a, b):
 
 
 def test_registry_lists_all_methods():
-    assert list(available()) == ["average", "task_arithmetic", "general_task_arithmetic", "ties", "dare",
-                                 "fisher", "dfmerge", "mask_fisher", "regmean", "mats"]
+    expected = ["average", "linear", "task_arithmetic", "general_task_arithmetic", "ties", "dare", "dare_ties",
+                "dare_linear", "fisher", "dfmerge", "mask_fisher", "slerp", "passthrough", "model_stock", "della",
+                "della_linear", "breadcrumbs", "breadcrumbs_ties", "regmean", "mats"]
+    assert [n for n in available() if n in expected] == expected  # other branches may register more
 
 
 def test_average_weighted():
@@ -146,8 +149,13 @@ def test_mask_fisher_requires_mask_mode():
         _merged(_cfg("mask_fisher", per_model={"fisher": FISHERS}, base=False))
     masks = [_fisher(i, mode="masks") for i in range(M)]
     out = _merged(_cfg("mask_fisher", per_model={"fisher": masks}, base=False))
-    ref = _merged(_cfg("fisher", per_model={"fisher": masks}, base=False))
+    # the same tensors as parameter Fishers: mask-Fisher merging is Fisher merging
+    same = [store.Fisher(m.tensors, {**m.metadata, "mode": "exact"}) for m in masks]
+    ref = _merged(_cfg("fisher", per_model={"fisher": same}, base=False))
     assert all(torch.equal(out[k], ref[k]) for k in SHAPES)
+    # ... but a mask Fisher is not accepted where a parameter Fisher is expected (issue 9)
+    with pytest.raises(ValueError, match="is a masks statistics file"):
+        _merged(_cfg("fisher", per_model={"fisher": masks}, base=False))
 
 
 def test_per_tensor_filters():
@@ -178,7 +186,7 @@ def _cfg_checked(*a, **k):
     (dict(method="dare", params={}), "needs parameter 'p'"),
     (dict(method="general_task_arithmetic"), "needs parameter 'lambda' for every model"),
     (dict(method="ties", base=False), "needs `base_model`"),
-    (dict(method="ties", per_model={"density": [0.1, 0.2, 0.3]}), "'density' of 'ties' is global"),
+    (dict(method="ties", per_model={"lambda": [0.1, 0.2, 0.3]}), "'lambda' of 'ties' is global"),
     (dict(method="fisher", base=False), "needs parameter 'fisher' for every model"),
     (dict(method="fisher", params={"fallback": "zero"}, per_model={"fisher": FISHERS}, base=False),
      "fallback.*one of"),

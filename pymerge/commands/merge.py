@@ -19,6 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the merge succeeded)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin pickle checkpoints (loaded with torch.load(weights_only=True))")
+    p.add_argument("--allow-foreign-stats", action="store_true",
+                   help="accept Fisher / statistics files whose fingerprints say they were computed on another "
+                        "model than the one they are paired with (config: allow_foreign_stats: true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -38,7 +41,8 @@ def run(args) -> int:
     from pymerge.engine import merge
 
     result = merge(args.config, output_dir(args), force=args.force, progress=not args.no_progress,
-                   allow_pickle=True if args.allow_pickle else None)
+                   allow_pickle=True if args.allow_pickle else None,
+                   allow_foreign_stats=True if args.allow_foreign_stats else None)
     s = result.plan.summary()
     heads = [t for i, t in enumerate(result.plan.task_names) if result.plan.head_entries(i)]
     print(f"merged {s['tensors'].get('merge', 0)} tensors with {s['method']} into {result.out_dir}"

@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 
 from pymerge.engine.output import write_side_files
-from pymerge.engine.plan import ARCH_KEYS, FLOAT_DTYPES, MergePlan, PlanEntry, plan_merge  # noqa: F401
+from pymerge.engine.plan import ARCH_KEYS, FLOAT_DTYPES, MergePlan, PlanEntry, check_outputs, plan_merge  # noqa: F401
 from pymerge.engine.run import DEFAULT_CHUNK_BYTES, run_plan
 from pymerge.engine.sinks import DiskSink, MemorySink
 from pymerge.io.writer import OutputDirectory, check_target
@@ -38,13 +38,16 @@ def merge_state_dicts(config, *, progress: bool = False, chunk_bytes: Optional[i
 
 
 def merge(config, out_dir, *, force: bool = False, progress: bool = True,
-          chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, allow_pickle: Optional[bool] = None) -> MergeResult:
+          chunk_bytes: Optional[int] = DEFAULT_CHUNK_BYTES, allow_pickle: Optional[bool] = None,
+          allow_foreign_stats: Optional[bool] = None) -> MergeResult:
     """Merge as the config says into `out_dir` (a directory `from_pretrained` loads), atomically.
 
-    `config` is a YAML path, a dict or a MergeConfig. An existing `out_dir` is replaced only with force=True.
+    `config` is a YAML path, a dict or a MergeConfig. An existing `out_dir` is replaced only with force=True,
+    and never when it is, contains or lies inside an input.
     """
-    check_target(out_dir, force)  # before any work
-    plan = plan_merge(config, allow_pickle=allow_pickle)
+    plan = plan_merge(config, allow_pickle=allow_pickle, allow_foreign_stats=allow_foreign_stats)  # headers only
+    check_outputs(plan, out_dir)  # before any work: an input is never a target, --force or not
+    check_target(out_dir, force)
     with OutputDirectory(out_dir, force=force) as out:
         sink = DiskSink(plan, out)
         run_plan(plan, sink, progress, chunk_bytes)

@@ -8,6 +8,7 @@ weights; `heads: drop` leaves them out. Tensors matching `head_patterns` are hea
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -16,8 +17,10 @@ import torch
 
 from pymerge.config import MergeConfig, load_config
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
+from pymerge.engine.tokenizer import apply_tokenizer_source
+from pymerge.io.fingerprint import ModelFingerprints
 from pymerge.io.reader import TensorSource, open_source
-from pymerge.methods.base import ConfigError, MergeMethod, pattern_matches
+from pymerge.methods.base import ConfigError, MergeMethod, layer_depth, layer_index, pattern_matches
 from pymerge.methods.layers import LayerInfo, SideInput, open_side_input
 
 # Config fields that must agree for two checkpoints to be one architecture.
@@ -35,6 +38,8 @@ class PlanEntry:
     models: List[int] = field(default_factory=list)  # heads: which models have it
     base_name: Optional[str] = None
     layer: Optional[LayerInfo] = None  # merged with the other tensors of this layer (weight, then bias)
+    depth: float = 0.0            # position over the layers in [0, 1] (values that vary across layers)
+    compute_dtype: Optional[torch.dtype] = None  # inputs are cast to this (default: dtype); `out_dtype` differs
 
 
 @dataclass
@@ -52,6 +57,7 @@ class MergePlan:
     global_aux: Dict[str, TensorSource] = field(default_factory=dict)  # param -> one source (e.g. init model)
     layers: Dict[str, LayerInfo] = field(default_factory=dict)         # module -> layer merged as one unit
     unused_layers: List[str] = field(default_factory=list)  # statistics of layers the checkpoints do not store
+    tokenizer: Any = None                    # tokenizer_source: the output tokenizer (engine/tokenizer.py)
 
     @property
     def task_names(self) -> List[str]:
@@ -206,6 +212,7 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
     if cfg.base_model is not None:
         base = open_source(cfg.base_model.model, label=cfg.base_model.name, allow_pickle=cfg.allow_pickle)
     check_architectures(models + ([base] if base is not None else []))
+    models, base, tokenizer = apply_tokenizer_source(cfg, models, base)
 
     use_base = base is not None and method.needs_base
     sv = survey_tensors(models, base if use_base else None, cfg.head_patterns, cfg.dtype)
@@ -230,7 +237,7 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
     config_index = 0
     if cfg.config_from is not None:
         config_index = next((i for i, m in enumerate(cfg.models) if m.name == cfg.config_from), None)
-    plan = MergePlan(cfg, models, base, {}, entries, config_index, prefix, ignored)
+    plan = MergePlan(cfg, models, base, {}, entries, config_index, prefix, ignored, tokenizer=tokenizer)
     _open_side_inputs(plan)
     for e in entries:  # a head in the main checkpoint is the config_from model's (own dtype unless `dtype`)
         if e.kind == "head":
@@ -238,7 +245,42 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
             e.shape = tuple(owner.shape(e.name))
             d = owner.dtype(e.name)
             e.dtype = cfg.dtype if cfg.dtype is not None and d.is_floating_point else d
+    assign_depths(plan)
+    apply_out_dtype(plan)
     return plan
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def num_layers(source: TensorSource, names: List[str]) -> Optional[int]:
+    """The model's layer count: its config, else the highest numbered layer in the tensor names + 1."""
+    for k in LAYER_COUNT_KEYS:
+        if source.config and isinstance(source.config.get(k), int):
+            return source.config[k]
+    found = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(found) + 1 if found else None
+
+
+def assign_depths(plan: MergePlan) -> None:
+    """Each entry's depth t for gradients: a stacked-slices source knows it per slice (mergekit), otherwise
+    layer / (num_layers - 1), 0 outside the layers."""
+    src = plan.models[0]
+    by_source = getattr(src, "layer_depth", None)
+    n = None if by_source else num_layers(src, [e.name for e in plan.entries])
+    for e in plan.entries:
+        e.depth = by_source(e.name) if by_source else layer_depth(e.name, n)
+
+
+def apply_out_dtype(plan: MergePlan) -> None:
+    """`out_dtype`: merge in the compute dtype, write float tensors in out_dtype (mergekit's dtype/out_dtype)."""
+    out = getattr(plan.config, "out_dtype", None)
+    if out is None:
+        return
+    for e in plan.entries:
+        if e.dtype.is_floating_point:
+            e.compute_dtype = e.dtype
+            e.dtype = out
 
 
 def _open_side_inputs(plan: MergePlan) -> None:
@@ -250,6 +292,7 @@ def _open_side_inputs(plan: MergePlan) -> None:
     g = cfg.global_values()
     mv = [cfg.model_values(i) for i in range(len(models))]
     plan.side_inputs = tuple(method.side_inputs(g, mv))
+    fingerprints = {spec_m.name: ModelFingerprints(m) for spec_m, m in zip(cfg.models, models)}
     for spec in plan.side_inputs:
         if spec.scope == "global":
             value = g.get(spec.param)
@@ -270,6 +313,9 @@ def _open_side_inputs(plan: MergePlan) -> None:
                 sources.append(None)
                 continue
             src = open_side_input(spec, value, label)
+            if spec.kind in STATS_KINDS:
+                check_stats_file(src, models[i], spec_m.name, method, spec.param, spec.kind,
+                                 allow_foreign=cfg.allow_foreign_stats, fingerprints=fingerprints)
             if spec.per_layer:
                 for m in src.check_model(models[i], spec_m.name):
                     if m not in plan.unused_layers:
@@ -342,3 +388,111 @@ def _group_layers(plan: MergePlan, param: str, sources) -> None:
             b.layer = info
             plan.entries.remove(b)
             plan.entries.insert(plan.entries.index(w) + 1, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics files paired with models; outputs against inputs
+# --------------------------------------------------------------------------------------------------
+STATS_KINDS = ("fisher", "masks", "gram", "kfac")
+
+
+def stats_kind(metadata: Mapping[str, str]) -> Optional[str]:
+    """fisher | masks | gram | kfac; files from before `kind` existed are fisher, or masks by their mode."""
+    if metadata.get("kind"):
+        return metadata["kind"]
+    if metadata.get("pymerge_fisher") is not None:
+        return "masks" if metadata.get("mode") == "masks" else "fisher"
+    return None
+
+
+def check_stats_file(src: TensorSource, model: TensorSource, model_name: str, method: MergeMethod, param: str,
+                     want: Optional[str], *,
+                     allow_foreign: bool = False, fingerprints: Optional[Dict[str, ModelFingerprints]] = None
+                     ) -> None:
+    """A statistics file must be of the kind the method takes, and computed on the model it is paired with:
+    its stored structure fingerprint (names and shapes) must be the model's, and, unless the method says its
+    statistics come from other points (DF-Merge), its weights fingerprint too. `allow_foreign` skips the
+    fingerprints (not the kind)."""
+    meta = src.metadata or {}
+    have = stats_kind(meta)
+    if want is not None and have is not None and have != want:
+        hint = {"masks": " (a Fisher of mode 'masks', from `pymerge fisher --mode masks`)"}.get(want, "")
+        if have == "masks":
+            hint += "; a mask Fisher is merged with merge_method mask_fisher"
+        raise CheckpointError(
+            f"{src.label}: is a {have} statistics file (mode {meta.get('mode')!r}), but `{param}` of method "
+            f"{method.name!r} takes a {want} file{hint}")
+    if allow_foreign:
+        return
+    fingerprints = dict(fingerprints or {})
+    mine = fingerprints.setdefault(model_name, ModelFingerprints(model))
+    where = model_name if model.label == model_name else f"{model_name} ({model.label})"
+    if getattr(src, "layers", None):  # layer statistics name modules; their parameters are the candidates
+        keys = [n for info in src.layers.values() for n in (info.weight, info.bias) if n is not None]
+    else:
+        keys = list(src.keys()) if hasattr(src, "keys") else []
+
+    def others(matches):
+        hits = [n for n, fp in fingerprints.items() if n != model_name and matches(fp)]
+        return (f"; it matches model {', '.join(hits)} of this merge (files swapped?)" if hits
+                else "; it matches no model of this merge")
+
+    override = ("Give each model its own file, or set `allow_foreign_stats: true` in the config "
+                "(CLI: --allow-foreign-stats) if this is intended")
+    stored = meta.get("structure")
+    if stored and not mine.has_structure(stored, keys):
+        raise IncompatibleModelsError(
+            f"{src.label} was computed on a model of another structure than {where}: structure fingerprint "
+            f"{stored} in the file, {next(mine.structures(keys))} for the model (names and shapes)"
+            f"{others(lambda fp: fp.has_structure(stored, keys))}. {override}")
+    stored = meta.get("weights")
+    if stored and getattr(method, "stats_at_model_weights", True) and not mine.has_weights(stored, keys):
+        raise IncompatibleModelsError(
+            f"{src.label} was computed on other weights than model {where}: weights fingerprint {stored} "
+            f"in the file, {next(mine.weights_candidates(keys))} for the model"
+            f"{others(lambda fp: fp.has_weights(stored, keys))}. {override}")
+
+
+def input_paths(plan: MergePlan) -> List[Tuple[str, Path]]:
+    """Every input of a plan that lives on disk, as (what it is, path): models, base, side-input files,
+    the config file."""
+    cfg = plan.config
+    found: List[Tuple[str, Path]] = []
+    specs = list(cfg.models) + ([cfg.base_model] if cfg.base_model is not None else [])
+    for spec in specs:
+        if isinstance(spec.model, (str, os.PathLike)):
+            what = "base model" if spec is cfg.base_model else f"model {spec.name}"
+            found.append((what, Path(spec.model)))
+    for i, spec in enumerate(cfg.models):
+        for p in cfg.method.params:
+            if p.is_file:
+                value = cfg.model_values(i).get(p.name)
+                if isinstance(value, (str, os.PathLike)):
+                    found.append((f"{p.name} file of {spec.name}", Path(value)))
+    for p in cfg.method.params:  # one file for the whole merge (e.g. mats' init_model)
+        value = cfg.global_values().get(p.name) if p.is_file and p.scope == "global" else None
+        if isinstance(value, (str, os.PathLike)):
+            found.append((f"{p.name} file", Path(value)))
+    if getattr(cfg, "source", None) is not None:
+        found.append(("config file", Path(cfg.source)))
+    return found
+
+
+def check_outputs(plan: MergePlan, out_dir) -> None:
+    """Before any work: every derived output file has its own name (two task names that map to one heads/ file
+    are refused, naming both), and the output is not, does not contain and does not lie inside any input
+    (symlinks resolved), with or without --force."""
+    from pymerge.io.writer import check_not_input, safe_task_name
+
+    seen: Dict[str, str] = {}
+    for i, task in enumerate(plan.task_names):
+        if not plan.head_entries(i):
+            continue
+        fname = f"heads/{safe_task_name(task)}.safetensors"
+        key = fname.casefold()  # one file on case-insensitive filesystems
+        if key in seen:
+            raise IncompatibleModelsError(
+                f"tasks {seen[key]!r} and {task!r} would both write their head to {fname}; give the models "
+                "distinct `name`s (letters, digits, '.', '_' and '-' are kept, anything else becomes '_')")
+        seen[key] = task
+    check_not_input(out_dir, input_paths(plan))

@@ -42,6 +42,10 @@ class TensorSource:
         """The tensor (a fresh CPU tensor for files), or rows [start, stop) of its first dimension."""
         raise NotImplementedError
 
+    def read_elements(self, name: str, flat_indices) -> torch.Tensor:
+        """Elements of the flattened tensor at `flat_indices` (sources on disk read only those bytes)."""
+        return self.read(name).reshape(-1)[torch.as_tensor(list(flat_indices), dtype=torch.long)]
+
     # Whether `read` returns a fresh tensor the caller may modify in place (files: yes; in-memory: no).
     owned = True
 
@@ -111,7 +115,7 @@ class CheckpointDir(TensorSource):
             files = self._single_file(path, allow_pickle)
         else:
             self.directory = path
-            self.config = _read_config(path)
+            self.config = read_model_config(path)
             files = self._directory_files(path, allow_pickle)
         self._files: List[SafetensorsFile] = []
         self._where: Dict[str, object] = {}  # name -> SafetensorsFile or in-memory pickle dict
@@ -185,6 +189,12 @@ class CheckpointDir(TensorSource):
         h = self._where[name]
         return h.dtype(name) if isinstance(h, SafetensorsFile) else h[name].dtype
 
+    def read_elements(self, name, flat_indices):
+        h = self._where[name]
+        if isinstance(h, SafetensorsFile):
+            return h.read_elements(name, flat_indices)
+        return super().read_elements(name, flat_indices)
+
     def read(self, name, rows=None):
         h = self._where[name]
         if isinstance(h, SafetensorsFile):
@@ -193,21 +203,26 @@ class CheckpointDir(TensorSource):
         return (t if rows is None else t[rows[0]:rows[1]]).clone()
 
 
-def _read_config(path: Path) -> Optional[dict]:
-    cfg = path / "config.json"
+def read_model_config(path: Union[str, os.PathLike]) -> Optional[dict]:
+    """config.json of a model directory as a dict (None when absent); a clear error naming the file when it is
+    unreadable or not a JSON object. Commands that hand a directory to transformers should check it here first."""
+    cfg = Path(path) / "config.json"
     if not cfg.exists():
         return None
     try:
-        return json.loads(cfg.read_text())
+        config = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{cfg}: unreadable model config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object (a model config), got a JSON {type(config).__name__}")
+    return config
 
 
 def _read_index(index: Path) -> Dict[str, str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise ValueError("weight_map is not an object")
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map is not an object of tensor name -> shard file name")
         return weight_map
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: unreadable shard index ({exc})") from exc
@@ -261,3 +276,6 @@ def open_fisher(obj, *, label: Optional[str] = None) -> TensorSource:
         if src.dtype(name) != torch.float32:
             raise CheckpointError(f"{src.label}: Fisher tensor {name!r} has dtype {src.dtype(name)}, expected float32")
     return src
+
+
+_read_config = read_model_config  # older name

@@ -106,6 +106,25 @@ class SafetensorsFile:
         return out
 
 
+    def read_elements(self, name: str, flat_indices: Sequence[int]) -> torch.Tensor:
+        """Elements of the flattened tensor at `flat_indices`, one small positional read each (fingerprints)."""
+        dtype, shape, begin, end = self.entries[name]
+        size = torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(len(flat_indices), dtype=dtype)
+        buf = out.view(torch.uint8).numpy()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, i in enumerate(flat_indices):
+                at = self._data_start + begin + int(i) * size
+                chunk = os.pread(fd, size, at)
+                if len(chunk) != size or at + size > self._data_start + end:
+                    raise CheckpointError(f"{self.path}: file ended while reading tensor {name!r}")
+                buf[j * size:(j + 1) * size] = memoryview(chunk)
+        finally:
+            os.close(fd)
+        return out
+
+
 class SafetensorsStreamWriter:
     """Writes a safetensors file whose tensors are declared up front and then written one by one, in order."""
 

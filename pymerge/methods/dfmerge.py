@@ -16,6 +16,7 @@ class DFMerge(MergeMethod):
     elementwise = True
     description = "DF-Merge: Fisher-weighted task vectors with per-model λ_i"
     needs_base = True
+    stats_at_model_weights = False  # its Fishers are estimated at θ_pre + λ_i τ_i, not at θ_i
     params = (
         Param("lambda", float, scope="model", help="per-model coefficient λ_i (required)"),
         Param("fisher", "file", scope="model", help="Fisher estimated at θ_pre + λ_i τ_i"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
+from pymerge.errors import excerpt
 from pymerge.methods.base import ConfigError, MergeMethod, suggest
 
 _METHODS: Dict[str, Type[MergeMethod]] = {}
@@ -23,7 +24,7 @@ def get_method(name: str) -> MergeMethod:
     import pymerge.methods  # noqa: F401  (registers the built-in methods)
 
     if name not in _METHODS:
-        raise ConfigError(f"unknown merge_method {name!r}{suggest(name, _METHODS)}")
+        raise ConfigError(f"unknown merge_method {excerpt(name)}{suggest(excerpt(name), _METHODS)}")
     return _METHODS[name]()
 
 

@@ -1,11 +1,11 @@
 """Mask Fisher (004_638e5f0688748e6a.txt, after Kwon et al. 2022): the Fisher of virtual head and neuron masks.
 
 A mask m = 1 multiplies every attention head's context and every FFN neuron's activation, so the model's output
-is unchanged. The per-example mask gradient is g_{n,h} = Σ_{t,j∈h} a_{n,t,j} ∂log p_n/∂a_{n,t,j}. Each batch
-gets its own mask copy per example (shape [N, H] / [N, D], all ones, requires_grad), so ONE batched forward and
-ONE backward of log-probabilities summed over the batch give every per-example mask gradient (examples do not
-interact). Model weights are frozen meanwhile: the backward computes activation gradients only, no weight
-gradients, and nothing lands in `.grad`.
+is unchanged. The per-example mask gradient is g_{n,h} = Σ_{t,j∈h} a_{n,t,j} ∂log p_n/∂a_{n,t,j}: no mask is
+inserted into the model; the shared capture (capture.LayerCapture, as for every statistic) records the
+projections around the mask sites, and ONE batched forward and ONE backward of log-probabilities summed over the
+batch give, per example, the activations a and their gradients (examples do not interact). Model weights are
+frozen meanwhile: the backward computes activation gradients only, no weight gradients, nothing lands in `.grad`.
 
 Mask Fisher (eq. 4): I = (1/N) Σ_n E_y g_n(y)², E_y exact over classes (each class a pseudo-example weighted by
 p_c; off one forward, C - 1 backwards since the score has mean zero, one for binary tasks) or empirical (the
@@ -23,11 +23,12 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from pymerge.stats.capture import FrozenParameters
+from pymerge.stats.batches import all_reduce_sums, distributed
+from pymerge.stats.capture import FrozenParameters, LayerCapture, streamed_backward
 from pymerge.stats.logprobs import LABEL_KEYS as _LABEL_KEYS
 from pymerge.stats.logprobs import class_labels as _labels
 from pymerge.stats.logprobs import classification_log_probs, is_normalised as _normalised
-from pymerge.stats.masks_structure import MaskStructure, Projection, find_mask_structure
+from pymerge.stats.masks_structure import MaskStructure, Projection, find_mask_structure, is_projection
 from pymerge.stats.registry import register
 from pymerge.stats.store import Statistics, base_metadata
 
@@ -110,8 +111,20 @@ class MaskFisher:
 NEURON_SITES = ("activation", "pre_activation")
 
 
-class _MaskRecorder:
-    """Hooks that multiply each mask site by a fresh per-example ones mask and keep the masks.
+@dataclass(frozen=True)
+class _Site:
+    """One mask site on a captured projection: mask gradients go to accumulator `slot` in `groups` groups."""
+
+    slot: int
+    groups: int
+    pre_activation: bool  # False: the mask scales the projection's input; True: the W1 x part of its output
+
+
+class _MaskSites:
+    """Where the masks sit, read off the shared capture (capture.LayerCapture) of the projections around them:
+    no mask is inserted into the model. A mask m = 1 scaling a projection's input x has the per-example gradient
+    Σ_rows Σ_{j∈group} x_j (∂ log p/∂x)_j with ∂ log p/∂x = G W (G W ᵀ for Conv1D), G the captured output
+    gradient; one scaling W1 x inside act(W1 x + b1) has Σ_rows (y - b1)_j G_j (y the projection's output).
 
     Heads: the input of the attention output projection. Neurons: the input of the FFN-out projection
     ("activation", Kwon et al.: mask 0 removes the neuron) or, with "pre_activation", the W1 x part of every
@@ -119,77 +132,112 @@ class _MaskRecorder:
     """
 
     def __init__(self, structure: MaskStructure, neuron_site: str = "activation"):
-        self.structure = structure
-        self.neuron_site = neuron_site
-        self.batch_shape: Optional[Tuple[int, ...]] = None  # [N, T] of the batch's token inputs
-        self.head_masks: List[List[torch.Tensor]] = [[] for _ in structure.attention]
-        self.neuron_masks: List[List[torch.Tensor]] = [[] for _ in structure.ffn]
-        self.handles = []
-
-    def __enter__(self):
-        for i, block in enumerate(self.structure.attention):
-            self.handles.append(block.out.module.register_forward_pre_hook(
-                self._hook(self.head_masks[i], block.num_heads, block.out.name)))
-        for i, ffn in enumerate(self.structure.ffn):
-            if self.neuron_site == "activation":
-                self.handles.append(ffn.out.module.register_forward_pre_hook(
-                    self._hook(self.neuron_masks[i], ffn.width, ffn.out.name)))
+        self.sites: Dict[str, _Site] = {}
+        self.modules: Dict[str, nn.Module] = {}
+        for i, block in enumerate(structure.attention):
+            self._add(block.out, _Site(i, block.num_heads, False))
+        offset = len(structure.attention)
+        for i, ffn in enumerate(structure.ffn):
+            if neuron_site == "activation":
+                self._add(ffn.out, _Site(offset + i, ffn.width, False))
             else:
                 for proj in ffn.inputs:
-                    self.handles.append(proj.module.register_forward_hook(
-                        self._pre_activation_hook(self.neuron_masks[i], ffn.width, proj.name)))
-        return self
+                    self._add(proj, _Site(offset + i, ffn.width, True))
+        self.batch_shape: Optional[Tuple[int, ...]] = None  # [N, T] of the batch's token inputs
+        self.round: List[Optional[torch.Tensor]] = []
 
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+    def _add(self, proj: Projection, site: _Site) -> None:
+        self.sites[proj.name] = site
+        self.modules[proj.name] = proj.module
 
-    def reset(self):
-        for masks in self.head_masks + self.neuron_masks:
-            masks.clear()
-
-    def _per_example(self, x: torch.Tensor) -> torch.Tensor:
-        """x as [N, ..., F]: activations flattened to [N*T, F] (OPT's FFN) are viewed back as [N, T, F]."""
+    def _per_example(self, x: torch.Tensor, n: int, name: str) -> torch.Tensor:
+        """x as [N, rows, F]: activations flattened to [N*T, F] (OPT's FFN) are viewed back per example."""
         shape = self.batch_shape
-        if shape is not None and len(shape) == 2 and x.dim() == 2 and x.shape[0] != shape[0] \
+        if x.dim() == 2 and shape is not None and len(shape) == 2 and x.shape[0] != shape[0] \
                 and x.shape[0] == shape[0] * shape[1]:
-            return x.view(shape[0], shape[1], x.shape[-1])
-        return x
+            x = x.view(shape[0], shape[1], x.shape[-1])
+        if x.dim() < 2 or x.shape[0] != n:
+            raise RuntimeError(f"mask Fisher: the mask site {name} saw {x.shape[0] if x.dim() else 0} rows but the "
+                               f"batch has {n} examples; per-example masks need [batch, ..., features] activations")
+        return x.reshape(n, -1, x.shape[-1])
 
-    @staticmethod
-    def _mask(x: torch.Tensor, groups: int) -> torch.Tensor:
-        """One all-ones mask per example: its gradient row n is example n's mask gradient."""
-        return torch.ones(x.shape[0], groups, dtype=x.dtype, device=x.device, requires_grad=True)
+    def start_round(self, slots: int) -> None:
+        self.round = [None] * slots
 
-    def _hook(self, store: List[torch.Tensor], groups: int, site: str):
-        def hook(module, args):
-            if not args or not torch.is_tensor(args[0]) or args[0].dim() < 2:
-                raise RuntimeError(f"mask Fisher: {site} was called without a [batch, ..., features] tensor input")
-            x = self._per_example(args[0])
-            if x.shape[-1] % groups:
-                raise RuntimeError(f"mask Fisher: input of {site} has {x.shape[-1]} features, not a multiple of "
-                                   f"{groups} mask groups")
-            mask = self._mask(x, groups)
-            store.append(mask)
-            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (groups, 1)
-            masked = (x.unflatten(-1, (groups, -1)) * mask.view(shape)).flatten(-2)
-            return (masked.view(args[0].shape),) + tuple(args[1:])
-        return hook
-
-    def _pre_activation_hook(self, store: List[torch.Tensor], width: int, site: str):
-        def hook(module, args, out):
-            if not torch.is_tensor(out) or out.dim() < 2 or out.shape[-1] != width:
-                raise RuntimeError(f"mask Fisher: output of {site} is not a [batch, ..., {width}] tensor")
-            y = self._per_example(out)
-            mask = self._mask(y, width)
-            store.append(mask)
+    def on_grad(self, call, g: torch.Tensor, n: int) -> None:
+        """Adds this call's per-example mask gradients [N, groups] (fp64) to the round's (calls add up)."""
+        site, module = self.sites[call.name], call.module
+        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        if site.pre_activation:
+            y = call.output.detach()
+            if y.shape[-1] != site.groups:
+                raise RuntimeError(f"mask Fisher: output of {call.name} is not a [batch, ..., {site.groups}] tensor")
             bias = getattr(module, "bias", None)
-            linear = y - bias if bias is not None else y
-            # out + (m - 1) * W1x: exactly `out` at m = 1, gradient W1x . dL/dout per neuron.
-            masked = y + (mask - 1).view((y.shape[0],) + (1,) * (y.dim() - 2) + (width,)) * linear
-            return masked.view(out.shape)
-        return hook
+            x = (y - bias if bias is not None else y).to(dtype)
+            dx = g.to(dtype)
+        else:
+            x = call.inputs[0].to(dtype)
+            w = module.weight.detach().to(dtype)
+            dx = g.to(dtype) @ (w.T if is_projection(module) and not isinstance(module, nn.Linear) else w)
+            if x.shape[-1] % site.groups:
+                raise RuntimeError(f"mask Fisher: input of {call.name} has {x.shape[-1]} features, not a multiple "
+                                   f"of {site.groups} mask groups")
+        prod = self._per_example(x * dx, n, call.name)
+        grad = prod.reshape(n, -1, site.groups, prod.shape[-1] // site.groups).sum((1, 3)).double()
+        slot = site.slot
+        self.round[slot] = grad if self.round[slot] is None else self.round[slot] + grad
+
+
+def _mask_grads(sites: _MaskSites, logp: torch.Tensor, calls, cotangent: torch.Tensor, n: int, slots: int,
+                retain: bool) -> List[Optional[torch.Tensor]]:
+    """Per-example gradients [N, groups] (fp64) of <cotangent, logp> w.r.t. every block's mask (None: unused),
+    from one backward streamed through the captured projections."""
+    sites.start_round(slots)
+    streamed_backward(logp, calls, cotangent, lambda call, g: sites.on_grad(call, g, n), retain_graph=retain)
+    return sites.round
+
+
+def _one_hot(logp: torch.Tensor, classes: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A cotangent on logp [N, C]: 1 (or `weight`) at column classes[n] of row n."""
+    cot = torch.zeros_like(logp).scatter_(1, classes[:, None], 1.0)
+    return cot if weight is None else cot * weight[:, None]
+
+
+def _exact_all_classes(sites, logp, calls, n, acc) -> None:
+    """E_y g² with one backward per class: each (example, class) a pseudo-example of weight p_c (the log-prob
+    scaled by sqrt(p_c) scales its gradient by sqrt(p_c), so the squared gradient carries p_c)."""
+    root_p = logp.detach().exp().sqrt()
+    classes = logp.shape[1]
+    for c in range(classes):
+        cls = torch.full((n,), c, dtype=torch.long, device=logp.device)
+        grads = _mask_grads(sites, logp, calls, _one_hot(logp, cls, root_p[:, c]), n, len(acc), c < classes - 1)
+        for a, g in zip(acc, grads):
+            if g is not None:
+                a += g.square().sum(0)
+
+
+def _exact_one_class_fewer(sites, logp, calls, n, acc) -> None:
+    """E_y g² with C - 1 backwards for a normalised distribution: Σ_c p_c g_c = 0 (the score has mean zero), so
+    the most probable class's gradient is -(Σ_{c≠top} p_c g_c) / p_top; p_top >= 1/C keeps that stable. Binary
+    classification costs one backward, like the empirical Fisher."""
+    p = logp.detach().exp().double()
+    order = torch.argsort(p, dim=1, descending=True)
+    top, others = order[:, 0], order[:, 1:]
+    p_top = p.gather(1, top[:, None])  # [N, 1]
+    p_others = p.gather(1, others)  # [N, C-1]
+    k_count = others.shape[1]
+    weighted: List[Optional[torch.Tensor]] = [None] * len(acc)  # Σ_k p_k g_k per block, [N, groups]
+    for k in range(k_count):
+        grads = _mask_grads(sites, logp, calls, _one_hot(logp, others[:, k]), n, len(acc), k < k_count - 1)
+        pk = p_others[:, k:k + 1]
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            acc[i] += (pk * g.square()).sum(0)
+            weighted[i] = pk * g if weighted[i] is None else weighted[i] + pk * g
+    for i, w in enumerate(weighted):
+        if w is not None:
+            acc[i] += (w.square() / p_top).sum(0)
 
 
 def _batch_size(batch: Mapping) -> Optional[int]:
@@ -210,62 +258,6 @@ def _token_shape(batch: Mapping) -> Optional[Tuple[int, ...]]:
 
 def _to_device(batch: Mapping, device) -> Dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _mask_grads(target: torch.Tensor, masks: Sequence[Sequence[torch.Tensor]], n: int,
-                retain: bool) -> List[Optional[torch.Tensor]]:
-    """Per-example gradients [N, groups] (fp64) of `target` w.r.t. every block's masks (None: block unused)."""
-    flat = [m for ms in masks for m in ms]
-    grads = torch.autograd.grad(target, flat, retain_graph=retain, allow_unused=True) if flat else ()
-    it = iter(grads)
-    out: List[Optional[torch.Tensor]] = []
-    for ms in masks:
-        g = None
-        for _ in ms:  # a module called several times in one forward: its mask gradient is the sum over calls
-            gi = next(it)
-            if gi is None:
-                continue
-            if gi.shape[0] != n:
-                raise RuntimeError(f"mask Fisher: a mask site saw {gi.shape[0]} rows but the batch has {n} examples; "
-                                   f"per-example masks need [batch, ..., features] activations")
-            g = gi if g is None else g + gi
-        out.append(None if g is None else g.double())
-    return out
-
-
-def _exact_all_classes(logp, masks, n, acc) -> None:
-    """E_y g² with one backward per class: each (example, class) a pseudo-example of weight p_c (the log-prob
-    scaled by sqrt(p_c) scales its gradient by sqrt(p_c), so the squared gradient carries p_c)."""
-    root_p = logp.detach().exp().sqrt()
-    classes = logp.shape[1]
-    for c in range(classes):
-        for a, g in zip(acc, _mask_grads((logp[:, c] * root_p[:, c]).sum(), masks, n, retain=c < classes - 1)):
-            if g is not None:
-                a += g.square().sum(0)
-
-
-def _exact_one_class_fewer(logp, masks, n, acc) -> None:
-    """E_y g² with C - 1 backwards for a normalised distribution: Σ_c p_c g_c = 0 (the score has mean zero), so
-    the most probable class's gradient is -(Σ_{c≠top} p_c g_c) / p_top; p_top >= 1/C keeps that stable. Binary
-    classification costs one backward, like the empirical Fisher."""
-    p = logp.detach().exp().double()
-    order = torch.argsort(p, dim=1, descending=True)
-    top, others = order[:, 0], order[:, 1:]
-    p_top = p.gather(1, top[:, None])  # [N, 1]
-    p_others = p.gather(1, others)  # [N, C-1]
-    k_count = others.shape[1]
-    weighted: List[Optional[torch.Tensor]] = [None] * len(acc)  # Σ_k p_k g_k per block, [N, groups]
-    for k in range(k_count):
-        grads = _mask_grads(logp.gather(1, others[:, k:k + 1]).sum(), masks, n, retain=k < k_count - 1)
-        pk = p_others[:, k:k + 1]
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            acc[i] += (pk * g.square()).sum(0)
-            weighted[i] = pk * g if weighted[i] is None else weighted[i] + pk * g
-    for i, w in enumerate(weighted):
-        if w is not None:
-            acc[i] += (w.square() / p_top).sum(0)
 
 
 def estimate_masks(
@@ -339,40 +331,49 @@ def estimate_mask_fisher(
     acc_heads = [torch.zeros(b.num_heads, dtype=torch.float64, device=device) for b in structure.attention]
     acc_neurons = [torch.zeros(f.width, dtype=torch.float64, device=device) for f in structure.ffn]
     acc = acc_heads + acc_neurons
+    sites = _MaskSites(structure, neuron_site)
+    dist = distributed()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     total = 0
     # frozen: backward computes activation gradients only, nothing lands in .grad
-    with FrozenParameters(model):
-        with _MaskRecorder(structure, neuron_site) as rec, torch.enable_grad():
-            for index, batch in enumerate(batches):
-                if not isinstance(batch, Mapping):
-                    raise TypeError(f"batch {index}: expected a dict of tensors, got {type(batch).__name__}")
-                if _batch_size(batch) == 0:
-                    continue
-                batch = _to_device(batch, device)
-                rec.reset()
-                rec.batch_shape = _token_shape(batch)
-                logp = score(model, batch)
-                if not torch.is_tensor(logp) or logp.dim() != 2:
-                    raise ValueError(f"batch {index}: log-probabilities must be a [N, C] tensor, got "
-                                     f"{tuple(logp.shape) if torch.is_tensor(logp) else type(logp).__name__}")
-                n, classes = logp.shape
-                if n == 0:
-                    continue
-                masks = rec.head_masks + rec.neuron_masks
-                if not any(masks):
-                    raise RuntimeError("mask Fisher: no mask site was reached in the forward pass (were the "
-                                       "attention / FFN output projections called?)")
-                if mode == "empirical":
-                    y = _labels(batch, index, n, classes, logp.device)
-                    for a, g in zip(acc, _mask_grads(logp.gather(1, y[:, None]).sum(), masks, n, retain=False)):
-                        if g is not None:
-                            a += g.square().sum(0)
-                elif exact_backwards == "all" or not _normalised(logp):
-                    _exact_all_classes(logp, masks, n, acc)
-                else:
-                    _exact_one_class_fewer(logp, masks, n, acc)
-                total += n
-                rec.reset()
+    with FrozenParameters(model), LayerCapture(sites.modules) as capture, torch.enable_grad():
+        for index, batch in enumerate(batches):
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"batch {index}: expected a dict of tensors, got {type(batch).__name__}")
+            if _batch_size(batch) == 0 or index % world != rank:
+                continue
+            batch = _to_device(batch, device)
+            capture.clear()
+            sites.batch_shape = _token_shape(batch)
+            logp = score(model, batch)
+            if not torch.is_tensor(logp) or logp.dim() != 2:
+                raise ValueError(f"batch {index}: log-probabilities must be a [N, C] tensor, got "
+                                 f"{tuple(logp.shape) if torch.is_tensor(logp) else type(logp).__name__}")
+            n, classes = logp.shape
+            if n == 0:
+                continue
+            missed = sorted({c.name for c in capture.calls if c.output is None})
+            if missed:
+                raise RuntimeError(f"mask Fisher: {missed[0]} was called without a [batch, ..., features] tensor "
+                                   f"input")
+            calls = list(capture.calls)
+            if not calls:
+                raise RuntimeError("mask Fisher: no mask site was reached in the forward pass (were the "
+                                   "attention / FFN output projections called?)")
+            if mode == "empirical":
+                y = _labels(batch, index, n, classes, logp.device)
+                for a, g in zip(acc, _mask_grads(sites, logp, calls, _one_hot(logp, y), n, len(acc), False)):
+                    if g is not None:
+                        a += g.square().sum(0)
+            elif exact_backwards == "all" or not _normalised(logp):
+                _exact_all_classes(sites, logp, calls, n, acc)
+            else:
+                _exact_one_class_fewer(sites, logp, calls, n, acc)
+            total += n
+            capture.clear()
+            del calls, logp
+    (total,) = all_reduce_sums({str(i): a for i, a in enumerate(acc)}, [float(total)])
+    total = int(total)
     if total == 0:
         raise ValueError("batches: no examples (empty iterable or batches of size 0); mask Fisher needs at least one")
 
