@@ -176,3 +176,18 @@ def test_bad_statistics_get_errors_naming_the_layer():
     zero = torch.zeros(4, 4, dtype=torch.float64)
     with pytest.raises(StatisticsError, match="singular.*ridge"):
         regmean_solve(th, [zero, zero], label="fc1")
+
+
+def test_gram_objective_in_its_eigenbasis_takes_the_same_cg_steps():
+    g = torch.Generator().manual_seed(10)
+    th = models(3, (4, 7, 9), g)
+    grams = [torch.stack([gram(12, 8, g=g) for _ in range(4)]) for _ in range(3)]
+    obj = GramObjective(th, grams, [1.0, 0.5, 2.0], dtype=torch.float64)
+    x0 = sum(th) / 3
+    plain = conjugate_gradient(obj.matvec, obj.b, x0, iterations=15, tolerance=0.0, constant=obj.constant)
+    rot = obj.in_eigenbasis()
+    fast = conjugate_gradient(rot.matvec, rot.b, rot.to_basis(x0), iterations=15, tolerance=0.0,
+                              constant=rot.constant)
+    torch.testing.assert_close(rot.from_basis(fast.x), plain.x, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(fast.residuals, plain.residuals, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(fast.objectives, plain.objectives, rtol=1e-9, atol=1e-12)

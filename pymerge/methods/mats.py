@@ -95,12 +95,19 @@ class MaTS(MergeMethod):
         return base.to(dtype) + lam * sum(m - base.to(dtype) for m in models)
 
     def _solve(self, name, objective, x0, p):
-        from pymerge.solvers import conjugate_gradient
+        from pymerge.solvers import GramObjective, conjugate_gradient
 
-        res = conjugate_gradient(objective.matvec, objective.b, x0, iterations=p["iterations"],
-                                 tolerance=p["tolerance"], constant=objective.constant)
+        if isinstance(objective, GramObjective):  # same CG steps, elementwise matvec (see in_eigenbasis)
+            rotated = objective.in_eigenbasis()
+            res = conjugate_gradient(rotated.matvec, rotated.b, rotated.to_basis(x0), iterations=p["iterations"],
+                                     tolerance=p["tolerance"], constant=rotated.constant)
+            x = rotated.from_basis(res.x)
+        else:
+            res = conjugate_gradient(objective.matvec, objective.b, x0, iterations=p["iterations"],
+                                     tolerance=p["tolerance"], constant=objective.constant)
+            x = res.x
         self.history[name] = {"residuals": res.residuals[:, 0].tolist(), "objectives": res.objectives[:, 0].tolist()}
-        return res.x[0]
+        return x[0]
 
     def merge_layer(self, x):
         import torch

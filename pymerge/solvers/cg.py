@@ -23,8 +23,8 @@ class CGResult:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-system inner products over all but the batch dimension: [B]."""
-    return (a * b).flatten(1).sum(1)
+    """Per-system inner products over all but the batch dimension: [B] (one pass, no temporary)."""
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     p = r.clone()
 
     def objective():
-        return -0.5 * _dot(x, b + r) + constant
+        return -0.5 * (_dot(x, b) + _dot(x, r)) + constant
 
     residuals = [rr.sqrt() / scale]
     objectives = [objective()] if constant is not None else None
@@ -72,11 +72,12 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
         # frozen systems, and those with a zero curvature direction (A singular on p), take no step
         ok = active & (pap > tiny)
         alpha = torch.where(ok, rr / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
-        x.add_(_expand(alpha, x) * p)
-        r.sub_(_expand(alpha, r) * ap)
+        a_e = _expand(alpha, x)
+        x.addcmul_(a_e, p)   # in place, no temporaries: these updates are the memory-bound part of a step
+        r.addcmul_(a_e, ap, value=-1.0)
         rr_new = _dot(r, r)
         beta = torch.where(ok, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), torch.zeros_like(rr))
-        p.mul_(_expand(beta, p)).add_(r)
+        torch.addcmul(r, p, _expand(beta, p), out=p)  # p = r + β p in one pass (elementwise: aliasing is safe)
         rr = torch.where(ok, rr_new, rr)
         steps += 1
         rel = rr.sqrt() / scale
