@@ -31,7 +31,9 @@ bench: build
 	PYTHONPATH=. $(PY) bench/merge_ops.py --quick
 	PYTHONPATH=. $(PY) bench/fisher.py --quick
 	PYTHONPATH=. $(PY) bench/mask_fisher.py --quick
+	PYTHONPATH=. $(PY) bench/stats.py --quick
 	PYTHONPATH=. $(PY) bench/engine.py --quick
+	PYTHONPATH=. $(PY) bench/mats.py --quick
 
 # Compiles every CUDA source with plain nvcc (they are torch-free), as CI does where nvcc exists.
 cuda-check:

@@ -292,9 +292,11 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
         if k not in by_name:
             raise ConfigError(f"{src}: parameters: unknown parameter {excerpt(k)} for method {method.name!r}"
                               f"{suggest(excerpt(k), by_name)}")
-        if by_name[k].is_file:
+        if by_name[k].is_file and by_name[k].scope == "model":
             raise ConfigError(f"{src}: parameters: {k!r} is a per-model file; set it under each model's parameters")
         global_values[k] = parse_value(by_name[k], v, f"{src}: parameters")
+        if by_name[k].is_file:  # a global file (e.g. mats' init_model): relative to the config like models
+            global_values[k] = _resolve_path(global_values[k], base_dir, f"{src}: parameters", k)
 
     models: List[ModelSpec] = []
     for i, e in enumerate(entries):

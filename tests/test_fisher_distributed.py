@@ -1,4 +1,5 @@
-"""Under torch.distributed (gloo, 2 CPU processes) estimate() shards batches and all-reduces: same Fisher as 1."""
+"""Under torch.distributed (gloo, 2 CPU processes) the estimators shard batches and all-reduce: the same Fisher,
+Gram and K-FAC statistics as one process (one spawn for every kind: starting processes is the slow part)."""
 import os
 import socket
 
@@ -8,8 +9,10 @@ import torch.multiprocessing as mp
 
 import fisher_models as fm
 import pymerge.fisher as pf
+import pymerge.stats as ps
 
 MODES = ("exact", "sampled")
+LAYER_KINDS = ("gram", "kfac")
 
 
 def _batches():
@@ -29,6 +32,13 @@ def _worker(rank, world, port, out_dir):
             fisher = pf.estimate(model, _batches(), mode=mode, num_samples=2)
             if rank == 0:
                 pf.save(os.path.join(out_dir, f"{mode}.safetensors"), fisher)
+        masks = ps.collect(model, _batches(), kind="masks", mode="exact")
+        if rank == 0:
+            ps.save(os.path.join(out_dir, "masks.safetensors"), masks)
+        for kind in LAYER_KINDS:  # GPT-2: Conv1D layers, padded rows masked, uneven token counts per rank
+            stats = ps.collect(fm.gpt2_classifier(), _batches(), kind=kind)
+            if rank == 0:
+                ps.save(os.path.join(out_dir, f"{kind}.safetensors"), stats)
     finally:
         dist.destroy_process_group()
 
@@ -48,3 +58,14 @@ def test_two_processes_give_the_one_process_fisher(tmp_path):
         assert two.metadata["num_examples"] == one.metadata["num_examples"] == "8"
         for k in one.keys():
             torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-12)
+    for kind in LAYER_KINDS:
+        one = ps.collect(fm.gpt2_classifier(), _batches(), kind=kind)
+        two = ps.load(tmp_path / f"{kind}.safetensors")
+        assert two.metadata == one.metadata and two.layers["score"]["tokens"] == 32  # all unpadded rows
+        for k in one.keys():
+            torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-9)
+    one = ps.collect(model, _batches(), kind="masks", mode="exact")
+    two = ps.load(tmp_path / "masks.safetensors")
+    assert two.metadata == one.metadata and one.metadata["num_examples"] == "8"
+    for k in one.keys():
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-12)

@@ -293,7 +293,7 @@ def test_bad_inputs_get_clear_errors():
 
 
 def test_masks_mode_delegates_to_the_mask_fisher(monkeypatch):
-    import pymerge.fisher.masks as masks
+    import pymerge.stats.masks as masks
 
     seen = {}
 

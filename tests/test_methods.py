@@ -59,7 +59,7 @@ def _close(a, b):
 
 def test_registry_lists_all_methods():
     assert list(available()) == ["average", "task_arithmetic", "general_task_arithmetic", "ties", "dare",
-                                 "fisher", "dfmerge", "mask_fisher"]
+                                 "fisher", "dfmerge", "mask_fisher", "regmean", "mats"]
 
 
 def test_average_weighted():

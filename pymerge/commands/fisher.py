@@ -1,21 +1,43 @@
-"""`pymerge fisher MODEL --data FILE -o FILE`: a model's diagonal Fisher, stored for later merges."""
+"""`pymerge fisher MODEL --data FILE -o FILE`: a model's diagonal Fisher (or mask Fisher), stored for later
+merges: the per-parameter case of `pymerge stats`, with which it shares data formats, loading and writing."""
 from __future__ import annotations
+
+import argparse
+import sys
+
+from pymerge.commands.stats import add_data_arguments, collect_to_file
 
 HELP = "compute and store a model's diagonal Fisher"
 DESCRIPTION = """\
 Compute the diagonal Fisher of MODEL on the examples of --data (JSONL or CSV) and store it as a safetensors
-file for Fisher merging (`parameters: {fisher: FILE}` in a merge config).
+file for Fisher merging (`parameters: {fisher: FILE}` in a merge config). `pymerge stats` computes the other
+kinds of statistics (Gram, K-FAC).
 
   pymerge fisher ./ft-sentiment --data val.jsonl -o ft-sentiment.fisher.safetensors"""
 
 
-def add_arguments(p) -> None:
-    from pymerge.fisher import command  # the Fisher engine: only when this command runs
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser)
+    parser.add_argument("--mode", default="exact", choices=["exact", "sampled", "empirical", "masks"],
+                        help="expectation over labels: exact, sampled, or the data's labels (empirical); "
+                             "masks: head/neuron mask Fisher (default: exact)")
+    parser.add_argument("--num-samples", type=int, default=1, help="draws per example for --mode sampled")
+    parser.add_argument("--mask-mode", default="empirical", choices=["empirical", "exact"],
+                        help="for --mode masks: true labels (the paper's choice) or exact over the classes")
 
-    command.add_arguments(p)
+
+def run(args: argparse.Namespace) -> int:
+    if args.mode == "masks":  # the mask Fisher is the `masks` kind of statistics
+        return collect_to_file(args, "fisher", "masks", args.mask_mode, {})
+    return collect_to_file(args, "fisher", "fisher", args.mode, dict(num_samples=args.num_samples, seed=args.seed))
 
 
-def run(args) -> int:
-    from pymerge.fisher import command
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pymerge fisher", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
-    return command.run(args)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,8 +18,9 @@ import torch
 from pymerge.config import MergeConfig, load_config
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
 from pymerge.io.fingerprint import ModelFingerprints
-from pymerge.io.reader import TensorSource, open_fisher, open_source
-from pymerge.methods.base import MergeMethod, pattern_matches
+from pymerge.io.reader import TensorSource, open_source
+from pymerge.methods.base import ConfigError, MergeMethod, pattern_matches
+from pymerge.methods.layers import LayerInfo, SideInput, open_side_input
 
 # Config fields that must agree for two checkpoints to be one architecture.
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -35,6 +36,7 @@ class PlanEntry:
     dtype: torch.dtype            # output dtype
     models: List[int] = field(default_factory=list)  # heads: which models have it
     base_name: Optional[str] = None
+    layer: Optional[LayerInfo] = None  # merged with the other tensors of this layer (weight, then bias)
 
 
 @dataclass
@@ -47,6 +49,11 @@ class MergePlan:
     config_index: Optional[int]              # model whose config/tokenizer/head go into the main output
     base_prefix: Tuple[str, str] = ("", "")  # (strip from model name, add) to get the base name
     ignored_base: List[str] = field(default_factory=list)
+    side_inputs: Tuple[SideInput, ...] = ()                            # what the method reads, by kind
+    layer_stats: Dict[str, List[Any]] = field(default_factory=dict)    # param -> per model LayerStatistics
+    global_aux: Dict[str, TensorSource] = field(default_factory=dict)  # param -> one source (e.g. init model)
+    layers: Dict[str, LayerInfo] = field(default_factory=dict)         # module -> layer merged as one unit
+    unused_layers: List[str] = field(default_factory=list)  # statistics of layers the checkpoints do not store
 
     @property
     def task_names(self) -> List[str]:
@@ -67,7 +74,9 @@ class MergePlan:
         for e in self.entries:
             kinds[e.kind] = kinds.get(e.kind, 0) + 1
         return {"method": self.config.merge_method, "tensors": kinds, "heads_policy": self.config.heads,
-                "base_prefix": self.base_prefix, "ignored_base_tensors": len(self.ignored_base)}
+                "base_prefix": self.base_prefix, "ignored_base_tensors": len(self.ignored_base),
+                "side_inputs": [f"{s.param}: {s.kind}" for s in self.side_inputs],
+                "layers_merged_together": len(self.layers), "statistics_unused": self.unused_layers}
 
 
 def _first(items, n=MAX_LISTED) -> str:
@@ -220,11 +229,11 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
         mapped = {e.base_name for e in entries if e.base_name}
         ignored = [k for k in base.keys() if k not in mapped]
 
-    aux = _open_aux(cfg, models, entries)
     config_index = 0
     if cfg.config_from is not None:
         config_index = next((i for i, m in enumerate(cfg.models) if m.name == cfg.config_from), None)
-    plan = MergePlan(cfg, models, base, aux, entries, config_index, prefix, ignored)
+    plan = MergePlan(cfg, models, base, {}, entries, config_index, prefix, ignored)
+    _open_side_inputs(plan)
     for e in entries:  # a head in the main checkpoint is the config_from model's (own dtype unless `dtype`)
         if e.kind == "head":
             owner = models[config_index if config_index in e.models else e.models[0]]
@@ -234,52 +243,111 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
     return plan
 
 
-def _open_aux(cfg: MergeConfig, models: List[TensorSource], entries: List[PlanEntry]) -> Dict[str, List[TensorSource]]:
-    """Open per-model file parameters (Fisher files) and check they match the models' names and shapes."""
-    aux: Dict[str, List[TensorSource]] = {}
-    method = cfg.method
+def _open_side_inputs(plan: MergePlan) -> None:
+    """Open the side inputs the method declares (by kind) and check them against the models before any data is
+    read: per-parameter files (Fisher, masks, a whole model) by name and shape; layer statistics (gram, kfac) by
+    their layers' weight / bias names, orientation and shapes. Layer kinds turn each layer with statistics into
+    one unit (weight then bias in the output order) that the method merges with `merge_layer`."""
+    cfg, models, method = plan.config, plan.models, plan.config.method
+    g = cfg.global_values()
+    mv = [cfg.model_values(i) for i in range(len(models))]
+    plan.side_inputs = tuple(method.side_inputs(g, mv))
     fingerprints = {spec.name: ModelFingerprints(m) for spec, m in zip(cfg.models, models)}
-    for p in method.params:
-        if not p.is_file:
+    for spec in plan.side_inputs:
+        if spec.scope == "global":
+            value = g.get(spec.param)
+            if value is None:
+                raise ConfigError(f"method {method.name!r} needs the parameter {spec.param!r}")
+            src = open_side_input(spec, value, spec.param)
+            _check_per_parameter(plan, spec, src, None, value, "the merge")
+            plan.global_aux[spec.param] = src
             continue
         sources = []
-        for i, spec in enumerate(cfg.models):
-            value = cfg.model_values(i)[p.name]
-            label = f"{p.name} of {spec.name}"
-            if p.file_format == "fisher":
-                src = open_fisher(value, label=label)
+        for i, spec_m in enumerate(cfg.models):
+            value = mv[i].get(spec.param)
+            label = f"{spec.param} of {spec_m.name}"
+            if value is None:
+                if not spec.optional:
+                    raise ConfigError(f"model {spec_m.name}: method {method.name!r} needs parameter {spec.param!r} "
+                                      f"(a {spec.kind} file)")
+                sources.append(None)
+                continue
+            src = open_side_input(spec, value, label)
+            if spec.kind in STATS_KINDS:
+                check_stats_file(src, models[i], spec_m.name, method, spec.kind, spec.param,
+                                 allow_foreign=cfg.allow_foreign_stats, fingerprints=fingerprints)
+            if spec.per_layer:
+                for m in src.check_model(models[i], spec_m.name):
+                    if m not in plan.unused_layers:
+                        plan.unused_layers.append(m)
             else:
-                src = open_source(value, label=label)
-            if isinstance(value, (str, Path)):
-                src.label = f"{p.name} file {value}"
-            check_stats_file(src, models[i], spec.name, method, p, allow_foreign=cfg.allow_foreign_stats,
-                             fingerprints=fingerprints)
-            if method.fisher_mode is not None and src.metadata.get("mode") != method.fisher_mode:
-                raise CheckpointError(
-                    f"{src.label}: method {method.name!r} needs a Fisher of mode {method.fisher_mode!r}, "
-                    f"got mode {src.metadata.get('mode')!r}")
-            problems = []
-            model_keys = set(models[i].keys())
-            for e in entries:
-                if e.kind != "merge":
-                    continue
-                key = method.aux_key(p.name, e.name)
-                if key is None:
-                    continue
-                if key not in src:
-                    problems.append(f"no entry for {key!r}")
-                    continue
-                err = method.aux_shape_error(p.name, e.name, e.shape, src.shape(key))
-                if err:
-                    problems.append(f"{key!r} {err}")
-            foreign = [k for k in src.keys() if k not in model_keys]
-            if foreign and type(method).aux_key is MergeMethod.aux_key:  # same-name side inputs only
-                problems.append(f"names the model does not have: {_first(foreign, 3)}")
-            if problems:
-                raise IncompatibleModelsError(f"{src.label} does not match model {spec.name}: {_first(problems)}")
+                _check_per_parameter(plan, spec, src, i, value, f"model {spec_m.name}")
             sources.append(src)
-        aux[p.name] = sources
-    return aux
+        if spec.per_layer:
+            plan.layer_stats[spec.param] = sources
+        else:
+            plan.aux[spec.param] = sources
+    for param, sources in plan.layer_stats.items():
+        _group_layers(plan, param, sources)
+
+
+def _check_per_parameter(plan: MergePlan, spec, src, i: Optional[int], value, whose: str) -> None:
+    method = plan.config.method
+    if spec.kind in ("fisher", "masks") and method.fisher_mode is not None \
+            and src.metadata.get("mode") != method.fisher_mode:
+        raise CheckpointError(f"{src.label}: method {method.name!r} needs a Fisher of mode {method.fisher_mode!r}, "
+                              f"got mode {src.metadata.get('mode')!r}")
+    problems = []
+    for e in plan.entries:
+        if e.kind != "merge":
+            continue
+        key = method.aux_key(spec.param, e.name)
+        if key is None:
+            continue
+        if key not in src:
+            problems.append(f"no entry for {key!r}")
+            continue
+        err = method.aux_shape_error(spec.param, e.name, e.shape, src.shape(key))
+        if err:
+            problems.append(f"{key!r} {err}")
+    if i is not None and spec.kind != "model":
+        model_keys = set(plan.models[i].keys())
+        foreign = [k for k in src.keys() if k not in model_keys]
+        if foreign and type(method).aux_key is MergeMethod.aux_key:  # same-name side inputs only
+            problems.append(f"names the model does not have: {_first(foreign, 3)}")
+    if problems:
+        raise IncompatibleModelsError(f"{src.label} does not match {whose}: {_first(problems)}")
+
+
+def _group_layers(plan: MergePlan, param: str, sources) -> None:
+    """Layers listed by every model's statistics whose weight (and bias) are merged tensors become units."""
+    present = [s for s in sources if s is not None]
+    if not present:
+        return
+    ref = present[0]
+    for s in present[1:]:
+        diff = sorted(set(ref.layers) ^ set(s.layers))
+        if diff:
+            raise IncompatibleModelsError(f"{s.label} and {ref.label} describe different layers: {_first(diff, 3)} "
+                                          "(statistics of different architectures?)")
+        for m, info in s.layers.items():
+            if info != ref.layers[m]:
+                raise IncompatibleModelsError(f"{s.label}: layer {m!r} is {info}, but {ref.label} says "
+                                              f"{ref.layers[m]}")
+    by_name = {e.name: e for e in plan.entries}
+    for m, info in ref.layers.items():
+        w = by_name.get(info.weight)
+        b = by_name.get(info.bias) if info.bias is not None else None
+        if w is None or w.kind != "merge" or (info.bias is not None and (b is None or b.kind != "merge")):
+            continue  # e.g. a task head kept per model: not merged, its statistics are unused
+        if m in plan.layers:
+            raise ConfigError(f"layer {m!r} has statistics in two side inputs")
+        plan.layers[m] = info
+        w.layer = info
+        if b is not None:  # the bias follows its weight, so the unit writes both in output order
+            b.layer = info
+            plan.entries.remove(b)
+            plan.entries.insert(plan.entries.index(w) + 1, b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,17 +362,10 @@ def stats_kind(metadata: Mapping[str, str]) -> Optional[str]:
     return None
 
 
-def expected_stats_kind(method: MergeMethod, param) -> Optional[str]:
-    """The kind of statistics a method's file parameter takes (None: any tensor file)."""
-    declared = getattr(param, "kind", None) or getattr(param, "stats_kind", None)
-    if declared:
-        return declared
-    if param.file_format != "fisher":
-        return None
-    return "masks" if method.fisher_mode == "masks" else "fisher"
+STATS_KINDS = ("fisher", "masks", "gram", "kfac")
 
 
-def check_stats_file(src: TensorSource, model: TensorSource, model_name: str, method: MergeMethod, param, *,
+def check_stats_file(src, model: TensorSource, model_name: str, method: MergeMethod, want: str, param: str, *,
                      allow_foreign: bool = False, fingerprints: Optional[Dict[str, ModelFingerprints]] = None
                      ) -> None:
     """A statistics file must be of the kind the method takes, and computed on the model it is paired with:
@@ -312,21 +373,20 @@ def check_stats_file(src: TensorSource, model: TensorSource, model_name: str, me
     statistics come from other points (DF-Merge), its weights fingerprint too. `allow_foreign` skips the
     fingerprints (not the kind)."""
     meta = src.metadata or {}
-    want = expected_stats_kind(method, param)
     have = stats_kind(meta)
     if want is not None and have is not None and have != want:
         hint = {"masks": " (a Fisher of mode 'masks', from `pymerge fisher --mode masks`)"}.get(want, "")
         if have == "masks":
             hint += "; a mask Fisher is merged with merge_method mask_fisher"
         raise CheckpointError(
-            f"{src.label}: is a {have} statistics file (mode {meta.get('mode')!r}), but `{param.name}` of method "
+            f"{src.label}: is a {have} statistics file (mode {meta.get('mode')!r}), but `{param}` of method "
             f"{method.name!r} takes a {want} file{hint}")
     if allow_foreign:
         return
     fingerprints = dict(fingerprints or {})
     mine = fingerprints.setdefault(model_name, ModelFingerprints(model))
     where = model_name if model.label == model_name else f"{model_name} ({model.label})"
-    keys = list(src.keys())
+    keys = list(getattr(src, "source", src).keys())  # layer statistics wrap their file's source
 
     def others(matches):
         hits = [n for n, fp in fingerprints.items() if n != model_name and matches(fp)]
@@ -359,12 +419,14 @@ def input_paths(plan: MergePlan) -> List[Tuple[str, Path]]:
         if isinstance(spec.model, (str, os.PathLike)):
             what = "base model" if spec is cfg.base_model else f"model {spec.name}"
             found.append((what, Path(spec.model)))
+    files = [p.name for p in cfg.method.params if p.is_file]
+    for name, value in cfg.global_values().items():
+        if name in files and isinstance(value, (str, os.PathLike)):
+            found.append((f"{name} file", Path(value)))
     for i, spec in enumerate(cfg.models):
-        for p in cfg.method.params:
-            if p.is_file:
-                value = cfg.model_values(i).get(p.name)
-                if isinstance(value, (str, os.PathLike)):
-                    found.append((f"{p.name} file of {spec.name}", Path(value)))
+        for name, value in cfg.model_values(i).items():
+            if name in files and isinstance(value, (str, os.PathLike)):
+                found.append((f"{name} file of {spec.name}", Path(value)))
     if getattr(cfg, "source", None) is not None:
         found.append(("config file", Path(cfg.source)))
     return found

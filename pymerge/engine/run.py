@@ -16,6 +16,7 @@ from pymerge.engine.plan import MergePlan, PlanEntry
 from pymerge.io.chunks import row_chunks
 from pymerge.io.errors import CheckpointError
 from pymerge.methods.base import PrepareInputs, TensorInputs, resolve
+from pymerge.methods.layers import LayerInputs
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 PREFETCH_BYTES = 512 * 2**20  # read the next tensor ahead only while both fit in this much memory
@@ -35,9 +36,9 @@ def _check_values(t: torch.Tensor, label: str, name: str, fisher: bool = False) 
         raise CheckpointError(f"{label}: Fisher tensor {name!r} has negative values (a Fisher is >= 0)")
 
 
-def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[torch.Tensor], dict]:
-    """Read (and check) every input of one tensor or row chunk; runs on the prefetch thread."""
-    method, check = plan.config.method, plan.config.check_finite
+def _read_model_tensors(plan: MergePlan, e: PlanEntry, rows):
+    """Every model's (and the base model's) tensor `e`, checked and cast to the output dtype."""
+    check = plan.config.check_finite
     xs = []
     for m in plan.models:
         t = m.read(e.name, rows)
@@ -45,25 +46,74 @@ def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[to
             _check_values(t, m.label, e.name)
         xs.append(t.to(e.dtype) if t.dtype != e.dtype else t)
     base = None
-    if method.needs_base:
+    if plan.config.method.needs_base:
         base = plan.base.read(e.base_name, rows)
         if check:
             _check_values(base, plan.base.label, e.base_name)
         if base.dtype != e.dtype:
             base = base.to(e.dtype)
+    return xs, base
+
+
+def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[torch.Tensor], dict]:
+    """Read (and check) every input of one tensor or row chunk; runs on the prefetch thread."""
+    method, check = plan.config.method, plan.config.check_finite
+    xs, base = _read_model_tensors(plan, e, rows)
     aux = {}
+    kinds = {s.param: s.kind for s in plan.side_inputs}
     for p, sources in plan.aux.items():
         key = method.aux_key(p, e.name)
         if key is None:  # no side input for this tensor
             aux[p] = [None] * len(sources)
             continue
-        ts = [s.read(key, rows) for s in sources]
+        ts = [s.read(key, rows) if s is not None else None for s in sources]
         if check:
-            is_fisher = method.param(p).file_format == "fisher"
             for s, t in zip(sources, ts):
-                _check_values(t, s.label, key, fisher=is_fisher)
+                if t is not None:
+                    _check_values(t, s.label, key, fisher=kinds.get(p) in ("fisher", "masks"))
         aux[p] = ts
+    for p, src in plan.global_aux.items():
+        t = src.read(e.name, rows)
+        if check:
+            _check_values(t, src.label, e.name)
+        aux[p] = [t.to(e.dtype) if t.dtype != e.dtype else t]
     return xs, base, aux
+
+
+def _load_layer(plan: MergePlan, e: PlanEntry, bias: Optional[PlanEntry]):
+    """Read one layer: every model's weight and bias, the base model's, and each model's layer statistics."""
+    info = e.layer
+    ws, bw = _read_model_tensors(plan, e, None)
+    bs, bb = _read_model_tensors(plan, bias, None) if bias is not None else (None, None)
+    stats = {p: [s.read_layer(info.module) if s is not None else None for s in sources]
+             for p, sources in plan.layer_stats.items()}
+    labels = {p: [s.label if s is not None else "-" for s in sources] for p, sources in plan.layer_stats.items()}
+    extra = {}
+    for p, src in plan.global_aux.items():
+        extra[p] = (src.read(info.weight).to(e.dtype), src.read(info.bias).to(e.dtype) if bias is not None else None)
+    return dict(weights=ws, biases=bs, base_weight=bw, base_bias=bb, stats=stats, labels=labels, extra=extra)
+
+
+def _task_bytes(plan: MergePlan, e: PlanEntry, rows, bias: Optional[PlanEntry]) -> int:
+    """Bytes one task reads: the models' (and base) tensors plus its side inputs by their kind and dtype."""
+    def numel(shape, rows=None):
+        n = 1
+        for s in shape[1:]:
+            n *= s
+        return n * ((rows[1] - rows[0]) if rows else (shape[0] if shape else 1))
+
+    size = torch.empty((), dtype=e.dtype).element_size()
+    copies = len(plan.models) + (1 if plan.config.method.needs_base else 0)
+    n = numel(e.shape, rows) + (numel(bias.shape) if bias is not None else 0)
+    total = copies * size * n
+    row_shape = (n,)
+    for spec in plan.side_inputs:
+        count = 1 if spec.scope == "global" else len(plan.models)
+        if spec.per_layer:
+            total += count * spec.nbytes(row_shape, e.layer) if e.layer is not None else 0
+        elif e.layer is None or spec.scope == "global":
+            total += count * spec.nbytes(row_shape)
+    return total
 
 
 def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], prefetch: bool = True) -> None:
@@ -80,24 +130,25 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
         params=dict(globals_raw), model_params=models_raw, aux_sources=plan.aux,
         merged_names=[e.name for e in plan.entries if e.kind == "merge"]))
     owned = all(m.owned for m in plan.models)
-    tasks = []  # (entry, rows, last chunk of the entry?)
+    by_name = {e.name: e for e in plan.entries}
+    tasks = []  # (entry, rows, last chunk of the entry?); a layer's bias rides with its weight
     for e in plan.entries:
-        chunks = row_chunks(e.shape, chunk_bytes) if e.kind == "merge" and method.elementwise else [None]
+        chunk = e.kind == "merge" and method.elementwise and e.layer is None
+        chunks = row_chunks(e.shape, chunk_bytes) if chunk else [None]
         tasks += [(e, rows, j == len(chunks) - 1) for j, rows in enumerate(chunks)]
-    merge_ids = [j for j, (e, _, _) in enumerate(tasks) if e.kind == "merge"]
-    per_elem = [len(plan.models) * torch.empty((), dtype=e.dtype).element_size()
-                + (torch.empty((), dtype=e.dtype).element_size() if method.needs_base else 0)
-                + 4 * sum(len(v) for v in plan.aux.values()) for e, _, _ in tasks]
 
-    def task_bytes(j):
-        e, rows, _ = tasks[j]
-        n = 1
-        for s in e.shape[1:]:
-            n *= s
-        return per_elem[j] * n * ((rows[1] - rows[0]) if rows else (e.shape[0] if e.shape else 1))
+    def bias_of(e):
+        return by_name[e.layer.bias] if e.layer is not None and e.layer.bias is not None else None
 
+    def is_layer_lead(e):
+        return e.layer is not None and e.name == e.layer.weight
+
+    merge_ids = [j for j, (e, _, _) in enumerate(tasks)
+                 if e.kind == "merge" and (e.layer is None or is_layer_lead(e))]
+    nbytes = {j: _task_bytes(plan, tasks[j][0], tasks[j][1], bias_of(tasks[j][0])) for j in merge_ids}
     # prefetch the next merge task only when it and the current one fit the budget together
-    next_merge = {a: b for a, b in zip(merge_ids, merge_ids[1:]) if task_bytes(a) + task_bytes(b) <= PREFETCH_BYTES}
+    next_merge = {a: b for a, b in zip(merge_ids, merge_ids[1:]) if nbytes[a] + nbytes[b] <= PREFETCH_BYTES}
+    file_params = {p.name for p in method.params if p.is_file}
 
     bar = tqdm(total=len(plan.entries), desc=f"pymerge {method.name}", unit="tensor", disable=not progress)
     pending: Dict[int, Any] = {}
@@ -105,7 +156,15 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
         def fetch(j):
             if j not in pending:
                 e, rows, _ = tasks[j]
-                pending[j] = pool.submit(_load_inputs, plan, e, rows)
+                if is_layer_lead(e):
+                    pending[j] = pool.submit(_load_layer, plan, e, bias_of(e))
+                else:
+                    pending[j] = pool.submit(_load_inputs, plan, e, rows)
+
+        def resolved(name):
+            g = {k: resolve(v, name, k) for k, v in globals_raw.items() if k not in file_params}
+            mp = [{k: resolve(v, name, k) for k, v in m.items() if k not in file_params} for m in models_raw]
+            return g, mp
 
         try:
             for j, (e, rows, last) in enumerate(tasks):
@@ -120,13 +179,30 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
                             sink.head(i, e.name, t)
                 elif e.kind == "copy":
                     sink.main(e.name, plan.models[plan.config_index or 0].read(e.name))
+                elif e.layer is not None and not is_layer_lead(e):
+                    pass  # a layer's bias: written with its weight
+                elif e.layer is not None:
+                    fetch(j)
+                    if prefetch and j in next_merge:
+                        fetch(next_merge[j])
+                    g, mp = resolved(e.name)
+                    outs = method.merge_layer(LayerInputs(info=e.layer, params=g, model_params=mp, state=state,
+                                                          **pending.pop(j).result()))
+                    for part in [e] + ([bias_of(e)] if e.layer.bias is not None else []):
+                        if part.name not in outs:
+                            raise RuntimeError(f"{method.name}: merge_layer returned no {part.name!r}")
+                        out = outs[part.name]
+                        if tuple(out.shape) != tuple(part.shape):
+                            raise RuntimeError(f"{method.name}: merge_layer returned {part.name!r} of shape "
+                                               f"{tuple(out.shape)}, expected {tuple(part.shape)}")
+                        sink.main(part.name, out if out.dtype == part.dtype else out.to(part.dtype))
+                    del outs
                 else:
                     fetch(j)
                     if prefetch and j in next_merge:
                         fetch(next_merge[j])
                     xs, base, aux = pending.pop(j).result()
-                    g = {k: resolve(v, e.name, k) for k, v in globals_raw.items()}
-                    mp = [{k: resolve(v, e.name, k) for k, v in m.items() if k not in plan.aux} for m in models_raw]
+                    g, mp = resolved(e.name)
                     out = method.merge_tensor(TensorInputs(e.name, xs, base, g, mp, aux, state, owned=owned))
                     del xs, base, aux
                     sink.main(e.name, out if out.dtype == e.dtype else out.to(e.dtype))

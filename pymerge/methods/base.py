@@ -204,6 +204,21 @@ class MergeMethod:
     def merge_tensor(self, inputs: TensorInputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def side_inputs(self, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> tuple:
+        """The side inputs this merge reads, as `pymerge.methods.layers.SideInput`s (kind and dtype), given the
+        global and per-model parameter values. Default: every file parameter is a per-parameter Fisher file
+        (kind `fisher_mode` or "fisher"; file_format "tensors": any same-named tensors). A method that declares
+        a layer kind (gram, kfac) also implements `merge_layer`."""
+        from pymerge.methods.layers import SideInput
+
+        return tuple(SideInput(p.name, (self.fisher_mode or "fisher") if p.file_format == "fisher" else "tensors",
+                               scope=p.scope) for p in self.params if p.is_file)
+
+    def merge_layer(self, inputs) -> Dict[str, torch.Tensor]:
+        """Merge one linear layer's tensors together (`pymerge.methods.layers.LayerInputs`): returns the merged
+        tensor per name (its weight and, if any, its bias). Only for methods with a layer side input."""
+        raise NotImplementedError(f"{self.name}: declares a layer side input but no merge_layer")
+
 
 @dataclass
 class PrepareInputs:

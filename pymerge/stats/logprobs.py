@@ -1,4 +1,5 @@
-"""What the Fisher is the Fisher of: per model kind, the normalised log-probabilities of the outcomes.
+"""One way to get log-probabilities for every statistic: per model kind, the normalised log-probabilities of
+the outcomes, and the expectation over outcomes (the Fisher modes) as cotangents on them.
 
 Every objective maps (model, batch) to `Outcomes`: log p(y | x_n) as log_probs [N, F, C] over C outcomes for F
 independent factors per example (F = 1 for a class or an answer choice; F = tokens for causal-LM token
@@ -18,8 +19,9 @@ and p(c | x) = softmax over the C scores.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -173,3 +175,89 @@ def resolve(model: nn.Module, batch: Batch, kind: str = "auto", log_prob_fn=None
         return "causal_lm", causal_lm_tokens
     raise ValueError(f"cannot tell what to estimate the Fisher of for {cls}: pass kind='sequence_classification' "
                      "| 'causal_lm' | 'multiple_choice', or log_prob_fn=(model, batch) -> log-probs [N, C]")
+
+
+# ------------------------------------------------------------------------------ classification log-probs, labels
+LABEL_KEYS = ("labels", "label")
+
+
+def classification_log_probs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[N, C] log p(c | x_n) of an HF sequence classification model (GPT-2 heads pick the last non-pad token)."""
+    inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    out = model(**inputs)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+    if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[-1] < 2:
+        shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+        raise ValueError(f"the model returned logits of shape {shape}; expected [batch, classes >= 2] from a "
+                         f"sequence classification head; pass log_prob_fn=(model, batch) -> [N, C] log-probs "
+                         f"for other models")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def class_labels(batch: Mapping[str, torch.Tensor], index: int, n: int, classes: int, device) -> torch.Tensor:
+    """The batch's labels as [n] class ids in [0, classes), with errors naming the batch."""
+    key = next((k for k in LABEL_KEYS if k in batch), None)
+    if key is None:
+        raise ValueError(f"mode='empirical' needs labels: batch {index} has no 'labels' key (keys: {sorted(batch)}); "
+                         f"add labels or use mode='exact'")
+    labels = torch.as_tensor(batch[key], device=device).reshape(-1)
+    if labels.numel() != n or labels.dtype.is_floating_point:
+        raise ValueError(f"batch {index}: '{key}' must be {n} integer class ids (one per example), got shape "
+                         f"{tuple(labels.shape)} dtype {labels.dtype}")
+    if n and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"batch {index}: '{key}' has class ids outside [0, {classes})")
+    return labels.long()
+
+
+def is_normalised(logp: torch.Tensor) -> bool:
+    """Rows are log-probabilities of a full distribution (sum of exp = 1), as a softmax head gives."""
+    tol = 1e-3 if logp.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
+    return bool((torch.logsumexp(logp.detach().double(), dim=1).abs() < tol).all())
+
+
+# ------------------------------------------------------------------------------ the expectation over outcomes
+# The Fisher modes, once for every statistic built from output gradients (diagonal Fisher, K-FAC).
+MODES = ("exact", "sampled", "empirical")
+
+
+def check_mode(mode: str, num_samples: int = 1) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode == "sampled" and (not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
+
+
+def cotangents(out: Outcomes, mode: str, num_samples: int, generator: torch.Generator, index: int) -> torch.Tensor:
+    """[R, N, F, C] output gradients of the log-probabilities, one slice per pseudo-example round R, such that
+    Σ_r (∂/∂θ <cot_r, log p>)² is the per-example E_y (∂ log p(y)/∂θ)² of the mode: empirical (R = 1, the label),
+    exact (R = C, class c scaled by √p_c) or sampled (R = num_samples draws, each scaled by 1/√num_samples).
+    Sampled draws use `generator` (seeded by the caller: seed * 1_000_003 + batch index)."""
+    lp = out.log_probs
+    n, f, c = lp.shape
+    mask = out.mask.to(lp.dtype)
+    if mode == "empirical":
+        if out.labels is None:
+            raise ValueError(f"batch {index}: mode='empirical' needs 'labels' in every batch")
+        labels = out.labels.reshape(n, -1)
+        if labels.shape[1] != f:
+            raise ValueError(f"batch {index}: labels shape {tuple(out.labels.shape)} does not match {n} x {f} outcomes")
+        if ((labels >= c) | (labels < -100) | ((labels < 0) & (labels != -100))).any():
+            raise ValueError(f"batch {index}: labels must be in [0, {c}) (or -100 to ignore)")
+        valid = mask * (labels != -100).to(lp.dtype)
+        return (F.one_hot(labels.clamp(min=0), c).to(lp.dtype) * valid[..., None]).unsqueeze(0)
+    p = lp.detach().exp()
+    if mode == "exact":
+        if f > 1:
+            raise ValueError("mode='exact' enumerates one categorical outcome per example (classification, multiple "
+                             "choice); token-level LM statistics need mode='sampled' or 'empirical'")
+        eye = torch.eye(c, dtype=lp.dtype, device=lp.device)  # round k: class k with output gradient × √p_k
+        return eye[:, None, None, :] * (p.sqrt() * mask[..., None]).permute(2, 0, 1)[..., None]
+    if mode != "sampled":
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    draws = torch.multinomial(p.reshape(-1, c), num_samples, replacement=True, generator=generator)
+    onehot = F.one_hot(draws.T.reshape(num_samples, n, f), c).to(lp.dtype)
+    return onehot * mask[None, ..., None] / math.sqrt(num_samples)

@@ -1,8 +1,9 @@
 """One set of module hooks that captures, per layer call, the layer's input Z and its output O in one batched
 forward, so that the output gradients G = dS/dO of a later backward can be paired with Z.
 
-Used by the Fisher engine (per-example squared gradients) and meant for any statistic built from (Z, G)
-pairs (Gram matrices, K-FAC factors): `LayerCapture` knows nothing about Fisher. Weights stay frozen:
+The one capture of every statistic built from (Z, G) pairs: the diagonal Fisher (per-example squared
+gradients), the Gram (Z only: `need_grads=False`), K-FAC (Z and G) and the mask Fisher (G of the projections
+whose inputs or outputs the masks scale). `LayerCapture` knows nothing about any of them. Weights stay frozen:
 gradients are taken with respect to the captured outputs (torch.autograd.grad), so autograd never forms
 weight gradients and nothing is written to `.grad`.
 """
@@ -40,6 +41,7 @@ class LayerCapture:
     batch_size: Optional[int] = None
     on_call: Optional[Callable[[LayerCall], None]] = None
     enabled: bool = True
+    need_grads: bool = True  # False: forward-only statistics (Gram): inputs only, outputs never made graph leaves
     calls: List[LayerCall] = field(default_factory=list)
     _handles: list = field(default_factory=list)
 
@@ -65,6 +67,11 @@ class LayerCapture:
                 self.calls.append(LayerCall(name, module, (), None))  # its parameters take the generic path
                 return None
             inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            if not self.need_grads:
+                call = LayerCall(name, module, inputs, None)
+                if self.on_call is not None:
+                    self.on_call(call)
+                return None
             expand = (self.batch_size is not None and self.batch_size > 1 and output.dim() > 0
                       and output.shape[0] == 1 and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0
                       and inputs[0].shape[0] == 1)
@@ -101,6 +108,33 @@ def output_gradients(scores: torch.Tensor, calls: Sequence[LayerCall], cotangent
         return [None if g is None else g.unsqueeze(0) for g in grads]
     return list(torch.autograd.grad(scores, outputs, cotangents, retain_graph=retain_graph, allow_unused=True,
                                     is_grads_batched=True))
+
+
+def streamed_backward(scores: torch.Tensor, calls: Sequence[LayerCall], cotangent: torch.Tensor,
+                      on_grad: Callable[[LayerCall, torch.Tensor], None], *, retain_graph: bool = False) -> None:
+    """One backward of <cotangent, scores> calling on_grad(call, G) for every captured call as soon as autograd
+    produces its G (a tensor hook), so the output gradients are never all alive at once. The backward runs
+    towards the graph leaves the capture made (first layers); without any, towards the outputs themselves."""
+    roots = [c.root for c in calls if c.root is not None]
+    if not roots:
+        grads = torch.autograd.grad(scores, [c.output for c in calls], cotangent, allow_unused=True,
+                                    retain_graph=retain_graph)
+        for c, g in zip(calls, grads):
+            if g is not None:
+                on_grad(c, g)
+        return
+
+    def hook_for(call):
+        def hook(g):
+            on_grad(call, g)
+        return hook
+
+    handles = [c.output.register_hook(hook_for(c)) for c in calls]
+    try:
+        torch.autograd.grad(scores, roots, cotangent, allow_unused=True, retain_graph=retain_graph)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class FrozenParameters:

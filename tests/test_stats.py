@@ -1,0 +1,239 @@
+"""pymerge.stats: Gram and K-FAC statistics against slow references written plainly here (one unpadded example,
+one outcome and one token row at a time), the one file format with its metadata, older Fisher files, bad input."""
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import fisher_models as fm
+import pymerge.fisher as pf
+import pymerge.stats as ps
+
+LABELS = torch.tensor([0, 2, 1, 1])
+LENGTHS = [7, 4, 9, 2]
+
+
+def _batches():
+    ids, mask = fm.padded_ids(LENGTHS, 9)
+    batch = dict(input_ids=ids, attention_mask=mask, labels=LABELS)
+    return [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+
+
+def _is_linear(module):
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+# ---------------------------------------------------------------- slow references
+def slow_layer_statistics(model, examples, outcomes_of):
+    """Per linear layer: A = (1/N) Σ_rows z' z'ᵀ (z' = [z, 1] with a bias) and G = (1/N) Σ_rows Σ_(w, y) w g gᵀ,
+    g = ∂ score_y / ∂(layer output row), N = the token rows; one unpadded example, one outcome and one row at a
+    time. examples: list of input_ids [1, L]; outcomes_of(log_probs) -> [(w, y)] (score = Σ_f log p_f(y_f))."""
+    layers = {n: m for n, m in model.named_modules() if _is_linear(m)}
+    seen = {}
+    handles = [m.register_forward_hook(lambda mod, a, out, n=n: seen.setdefault(n, []).append((a[0], out)))
+               for n, m in layers.items()]
+    A = {n: 0 for n in layers}
+    G = {n: 0 for n in layers}
+    rows = {n: 0 for n in layers}
+    try:
+        for ids in examples:
+            seen.clear()
+            lp = model(input_ids=ids).logits.log_softmax(-1)
+            if lp.dim() == 3:  # causal LM: position t predicts token t + 1
+                lp = lp[0, :-1]
+            calls = [(n, z, out) for n, cs in seen.items() for z, out in cs]
+            for n, z, _ in calls:
+                for row in z.reshape(-1, z.shape[-1]).double():
+                    if layers[n].bias is not None:
+                        row = torch.cat([row, row.new_ones(1)])
+                    A[n] = A[n] + torch.outer(row, row)
+                    rows[n] += 1
+            for w, y in outcomes_of(lp.detach().exp()):
+                score = sum(lp[f, int(y[f])] for f in range(lp.shape[0]))
+                grads = torch.autograd.grad(score, [out for _, _, out in calls], retain_graph=True, allow_unused=True)
+                for (n, _, out), g in zip(calls, grads):
+                    if g is None:
+                        continue
+                    for row in g.reshape(-1, g.shape[-1]).double():
+                        G[n] = G[n] + w * torch.outer(row, row)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: A[n] / rows[n] for n in layers}, {n: G[n] / rows[n] for n in layers}, rows
+
+
+def _examples(batches):
+    out = []
+    for b in batches:
+        for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+            out.append(ids[mask > 0][None])
+    return out
+
+
+def _labels_of(batches):
+    return [l for b in batches for l in b["labels"].tolist()]
+
+
+def _close(got, ref, what):
+    scale = ref.abs().max().item() or 1.0
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _check_layers(stats, model, rows):
+    layers = stats.layers
+    assert set(layers) == {n for n, m in model.named_modules() if _is_linear(m)}
+    for n, info in layers.items():
+        module = model.get_submodule(n)
+        assert info["weight"] == n + ".weight"
+        assert info["bias"] == (n + ".bias" if module.bias is not None else None)
+        assert info["transposed"] == (type(module).__name__ == "Conv1D")
+        assert info["tokens"] == rows[n]
+
+
+MODELS = {"bert": fm.bert, "gpt2": fm.gpt2_classifier}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gram_matches_one_row_at_a_time(name):
+    model, batches = MODELS[name](), _batches()
+    got = ps.collect(model, batches, kind="gram")
+    ref, _, rows = slow_layer_statistics(model, _examples(batches), lambda p: [])
+    assert got.kind == "gram" and got.metadata["num_examples"] == "4" and got.metadata["mode"] == "forward"
+    _check_layers(got, model, rows)
+    for n in ref:
+        _close(got[n + ".gram"], ref[n], n)
+    if name == "gpt2":  # Conv1D: in_features is the first weight dimension
+        info = got.layers["transformer.h.0.mlp.c_fc"]
+        assert (info["in_features"], info["out_features"], info["transposed"]) == (16, 64, True)
+        assert got["transformer.h.0.mlp.c_fc.gram"].shape == (17, 17)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("mode", ["empirical", "exact"])
+def test_kfac_matches_one_example_at_a_time(name, mode):
+    model, batches = MODELS[name](), _batches()
+    got = ps.collect(model, batches, kind="kfac", mode=mode)
+    labels = _labels_of(batches)
+    it = iter(range(len(labels)))
+    if mode == "empirical":
+        outcomes = lambda p: [(1.0, [labels[next(it)]])]  # noqa: E731
+    else:
+        outcomes = lambda p: [(float(p[0, c]), [c]) for c in range(p.shape[1])]  # noqa: E731
+    ref_a, ref_g, rows = slow_layer_statistics(model, _examples(batches), outcomes)
+    assert got.kind == "kfac" and got.metadata["mode"] == mode
+    _check_layers(got, model, rows)
+    for n in ref_a:
+        _close(got[n + ".kfac_in"], ref_a[n], n + ".kfac_in")
+        _close(got[n + ".kfac_out"], ref_g[n], n + ".kfac_out")
+
+
+def test_kfac_default_mode_is_empirical_and_causal_lm_tokens():
+    model = fm.gpt2_lm()
+    ids, mask = fm.padded_ids([6, 3, 5], 6, seed=4)
+    batches = [dict(input_ids=ids, attention_mask=mask)]
+    got = ps.collect(model, batches, kind="kfac")
+    assert got.metadata["mode"] == "empirical"
+    examples = _examples([dict(batches[0], labels=torch.zeros(3))])
+    it = iter(examples)
+    ref_a, ref_g, rows = slow_layer_statistics(model, examples, lambda p: [(1.0, next(it)[0, 1:].tolist())])
+    for n in ref_a:
+        _close(got[n + ".kfac_in"], ref_a[n], n)
+        _close(got[n + ".kfac_out"], ref_g[n], n)
+
+
+def test_low_precision_model_accumulates_in_fp32():
+    model, batches = fm.bert(dtype=torch.float64), _batches()
+    ref = ps.collect(model, batches, kind="gram")
+    low = ps.collect(fm.bert(dtype=torch.bfloat16), batches, kind="gram")
+    for k in ref.keys():
+        assert low[k].dtype == torch.float32
+        torch.testing.assert_close(low[k], ref[k], rtol=0.05, atol=0.05 * ref[k].abs().max().item())
+
+
+def test_exclude_and_memory_refusal():
+    model, batches = fm.bert(), _batches()
+    got = ps.collect(model, batches, kind="gram", exclude=["*.attention.*", "classifier"])
+    assert not any(".attention." in n or n == "classifier" for n in got.layers)
+    assert "bert.pooler.dense" in got.layers
+    with pytest.raises(MemoryError, match=r"kfac statistics of \d+ linear layers need .* largest layers: .*x") as e:
+        ps.collect(model, batches, kind="kfac", max_memory_bytes=10_000)
+    assert "exclude" in str(e.value)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        ps.collect(model, batches, kind="gram", exclude=["*"])
+
+
+# ---------------------------------------------------------------- the store
+@pytest.mark.parametrize("kind", ["gram", "kfac", "fisher"])
+def test_round_trip_with_metadata(tmp_path, kind):
+    model, batches = fm.bert(dtype=torch.float32), _batches()
+    stats = ps.collect(model, batches, kind=kind)
+    meta = stats.metadata
+    for key in ("pymerge_stats", "kind", "mode", "num_examples", "structure", "weights"):
+        assert key in meta, key
+    assert meta["kind"] == kind and meta["structure"] == ps.structure_fingerprint(model)
+    assert meta["weights"] == ps.weights_fingerprint(model)
+    path = ps.save(tmp_path / f"{kind}.safetensors", stats)
+    back = ps.load(path)
+    assert back.kind == kind and back.metadata == meta
+    assert set(back.keys()) == set(stats.keys())
+    for k in stats.keys():
+        assert torch.equal(back[k], stats[k])
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ps.save(path, stats)
+    ps.save(path, stats, overwrite=True)
+    if kind == "fisher":  # the Fisher API reads it unchanged
+        assert set(pf.load(path).keys()) == set(stats.keys())
+
+
+@pytest.mark.parametrize("mode,kind", [("exact", "fisher"), ("masks", "masks")])
+def test_older_fisher_files_still_load(tmp_path, mode, kind):
+    meta = {"pymerge_fisher": "1", "mode": mode, "num_examples": "3", "structure": "abc", "weights": "def"}
+    path = tmp_path / "old.safetensors"
+    save_file({"w": torch.ones(2, 3)}, str(path), metadata=meta)
+    for load in (ps.load, pf.load):
+        got = load(path)
+        assert got.kind == kind and got.metadata == meta and torch.equal(got["w"], torch.ones(2, 3))
+
+
+def test_bad_input(tmp_path):
+    model, batches = fm.bert(), _batches()
+    with pytest.raises(ValueError, match=r"unknown statistics kind 'hessian'.*'fisher', 'masks', 'gram', 'kfac'"):
+        ps.collect(model, batches, kind="hessian")
+    with pytest.raises(ValueError, match=r"mode: gram statistics take one of \('forward',\)"):
+        ps.collect(model, batches, kind="gram", mode="exact")
+    with pytest.raises(ValueError, match="mode: kfac statistics take one of"):
+        ps.collect(model, batches, kind="kfac", mode="masks")
+    with pytest.raises(ValueError, match="needs 'labels'"):
+        ps.collect(model, [{k: v for k, v in b.items() if k != "labels"} for b in batches], kind="kfac")
+    with pytest.raises(ValueError, match="no examples"):
+        ps.collect(model, [], kind="gram")
+    gram = ps.collect(model, batches, kind="gram")
+    path = ps.save(tmp_path / "g.safetensors", gram)
+    with pytest.raises(ValueError, match=r"holds 'gram' statistics, expected 'kfac'"):
+        ps.load(path, kind="kfac")
+    # wrong kind in the metadata, a tensor of the wrong shape, a missing layer tensor: named
+    bad = {"w": torch.ones(2)}
+    save_file(bad, str(tmp_path / "k.safetensors"), metadata=dict(gram.metadata, kind="hessian"))
+    with pytest.raises(ValueError, match=r"k.safetensors: unknown statistics kind 'hessian'"):
+        ps.load(tmp_path / "k.safetensors")
+    tensors = dict(gram.tensors)
+    tensors["classifier.gram"] = torch.zeros(16, 16)
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata=gram.metadata)
+    with pytest.raises(ValueError, match=r"'classifier.gram' has shape \(16, 16\), expected \(17, 17\)"):
+        ps.load(tmp_path / "s.safetensors")
+    del tensors["classifier.gram"]
+    save_file(tensors, str(tmp_path / "m.safetensors"), metadata=gram.metadata)
+    with pytest.raises(ValueError, match="layer 'classifier' has no tensor 'classifier.gram'"):
+        ps.load(tmp_path / "m.safetensors")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="no pymerge statistics metadata"):
+        ps.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="float32"):
+        ps.save(tmp_path / "d.safetensors", ps.Statistics({"w": torch.ones(2, dtype=torch.float64)}, gram.metadata))
+
+
+def test_registry_lists_each_kind_once():
+    assert ps.kinds() == ("fisher", "masks", "gram", "kfac")
+    assert ps.get("kfac").modes == ps.get("fisher").modes == ("exact", "sampled", "empirical")
+    assert ps.get("kfac").default_mode == "empirical"
