@@ -85,8 +85,8 @@ def check_failure(capsys, argv, culprits, *, inputs, out=None, code=None):
     if code is not None:
         assert rc == code, (rc, err)
     assert "Traceback" not in err and "Traceback" not in stdout, err
-    error_lines = [line for line in err.splitlines() if "error" in line]
-    assert len(error_lines) == 1, err  # one line
+    message_lines = [line for line in err.splitlines() if line.startswith(f"pymerge {argv[0]}: ")]
+    assert len(message_lines) == 1, err  # one line
     assert len(err) < 3000, f"error output of {len(err)} characters"
     for c in [culprits] if isinstance(culprits, str) else culprits:
         assert str(c) in err, f"{c!r} not named in: {err}"
@@ -266,13 +266,19 @@ def test_malformed_models_in_merge_and_inspect(zoo, tmp_path, capsys):
         check_failure(capsys, ["inspect", zoo["sst"], "--base", model], culprits, inputs=inputs)
 
 
-def test_malformed_inputs_of_fisher(zoo, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["fisher", "stats"])
+def test_malformed_inputs_of_fisher_and_stats(zoo, tmp_path, capsys, command):
     bad = _bad_models(tmp_path / "bad", zoo)
     inputs = [zoo["root"], tmp_path / "bad"]
     out = tmp_path / "f.safetensors"
+    kind = ["--kind", "gram"] if command == "stats" else []
+
+    def argv(model, data, output, *more):
+        return [command, model, "--data", data, "-o", output, "--device", "cpu", *kind, *more]
+
     for name in ("config_int", "config_list", "pickle_only", "empty", "missing"):
         model, culprits = bad[name]
-        check_failure(capsys, ["fisher", model, "--data", zoo["data"], "-o", out, "--device", "cpu"],
+        check_failure(capsys, argv(model, zoo["data"], out),
                       [str(model)] + (["JSON object"] if name.startswith("config") else []), inputs=inputs, out=out)
     data = tmp_path / "data"
     data.mkdir()
@@ -285,17 +291,51 @@ def test_malformed_inputs_of_fisher(zoo, tmp_path, capsys):
              (data / "not_object.jsonl", "JSON object"), (data / "no_text.jsonl", "'text'"),
              (data / "unknown.txt", ".jsonl or .csv"), (data / "empty.jsonl", "no examples")]
     for path, culprit in cases:
-        check_failure(capsys, ["fisher", zoo["sst"], "--data", path, "-o", out, "--device", "cpu"],
-                      [culprit], inputs=inputs + [data], out=out)
+        check_failure(capsys, argv(zoo["sst"], path, out), [culprit], inputs=inputs + [data], out=out)
     # the output may not be an input, nor lie inside one
     for target, what in ((zoo["sst"] / "model.safetensors", "lies inside the model"),
                          (zoo["data"], "is the --data file")):
-        check_failure(capsys, ["fisher", zoo["sst"], "--data", zoo["data"], "-o", target, "--force",
-                               "--device", "cpu"], [what], inputs=inputs, code=1)
+        check_failure(capsys, argv(zoo["sst"], zoo["data"], target, "--force"), [what], inputs=inputs, code=1)
+    # an existing output is kept without --force
+    out.write_bytes(b"keep me")
+    check_failure(capsys, argv(zoo["sst"], zoo["data"], out), ["--force"], inputs=inputs, out=out)
+    out.unlink()
     # usage errors: exit status 2
-    check_failure(capsys, ["fisher", zoo["sst"], "-o", out], "--data", inputs=inputs, out=out, code=2)
-    check_failure(capsys, ["fisher", zoo["sst"], "--data", zoo["data"], "-o", out, "--mode", "bogus"], "--mode",
-                  inputs=inputs, out=out, code=2)
+    check_failure(capsys, [command, zoo["sst"], "-o", out], "--data", inputs=inputs, out=out, code=2)
+    if command == "fisher":
+        check_failure(capsys, argv(zoo["sst"], zoo["data"], out, "--mode", "bogus"), "--mode", inputs=inputs,
+                      out=out, code=2)
+    else:
+        check_failure(capsys, [command, zoo["sst"], "--data", zoo["data"], "-o", out, "--kind", "bogus"], "bogus",
+                      inputs=inputs, out=out)
+
+
+def test_gram_statistics_of_another_model_or_kind_are_refused(zoo, tmp_path, capsys):
+    grams = {}
+    for name in ("sst", "rte"):
+        grams[name] = zoo["root"].parent / f"{zoo['root'].name}-{name}.gram.safetensors"
+        if not grams[name].exists():
+            assert main(["stats", str(zoo[name]), "--data", str(zoo["data"]), "-o", str(grams[name]), "--kind", "gram",
+                         "--device", "cpu"]) == 0
+    capsys.readouterr()
+    sst, rte, out = zoo["sst"], zoo["rte"], tmp_path / "out"
+    inputs = [zoo["root"], *grams.values()]
+
+    def cfg(name, a, b, method="regmean"):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(f"merge_method: {method}\nmodels:\n  - {{model: {sst}, parameters: {{stats: {a}}}}}\n"
+                        f"  - {{model: {rte}, parameters: {{stats: {b}}}}}\n")
+        return path
+
+    assert run_cli(capsys, ["merge", cfg("good", grams["sst"], grams["rte"]), "-o", out, "--no-progress"])[0] == 0
+    shutil.rmtree(out)
+    check_failure(capsys, ["merge", cfg("swapped", grams["rte"], grams["sst"]), "-o", out, "--no-progress"],
+                  ["other weights than model sst", str(grams["rte"]), "matches model rte"], inputs=inputs, out=out)
+    check_failure(capsys, ["merge", cfg("fisher_for_gram", zoo["sst_real_fisher"], zoo["rte_real_fisher"]), "-o", out,
+                           "--no-progress"], [str(zoo["sst_real_fisher"]), "gram"], inputs=inputs, out=out)
+    check_failure(capsys, ["merge", merge_yaml(tmp_path / "g.yml", [(sst, None, grams["sst"]), (rte, None, grams["rte"])]),
+                           "-o", out, "--no-progress"], [str(grams["sst"]), "is a gram statistics file"],
+                  inputs=inputs, out=out)
 
 
 def _yaml_cases(d: Path, zoo):

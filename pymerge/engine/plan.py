@@ -9,6 +9,7 @@ weights; `heads: drop` leaves them out. Tensors matching `head_patterns` are hea
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -363,6 +364,8 @@ def stats_kind(metadata: Mapping[str, str]) -> Optional[str]:
 
 
 STATS_KINDS = ("fisher", "masks", "gram", "kfac")
+# What pymerge's store writes (sha256, 16 hex digits); another value (a hand-made file) records nothing to check.
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 def check_stats_file(src, model: TensorSource, model_name: str, method: MergeMethod, want: str, param: str, *,
@@ -384,6 +387,7 @@ def check_stats_file(src, model: TensorSource, model_name: str, method: MergeMet
     if allow_foreign:
         return
     fingerprints = dict(fingerprints or {})
+    recorded = {k: v for k, v in meta.items() if k in ("structure", "weights") and FINGERPRINT.fullmatch(str(v))}
     mine = fingerprints.setdefault(model_name, ModelFingerprints(model))
     where = model_name if model.label == model_name else f"{model_name} ({model.label})"
     keys = list(getattr(src, "source", src).keys())  # layer statistics wrap their file's source
@@ -395,13 +399,13 @@ def check_stats_file(src, model: TensorSource, model_name: str, method: MergeMet
 
     override = ("Give each model its own file, or set `allow_foreign_stats: true` in the config "
                 "(CLI: --allow-foreign-stats) if this is intended")
-    stored = meta.get("structure")
+    stored = recorded.get("structure")
     if stored and not mine.has_structure(stored, keys):
         raise IncompatibleModelsError(
             f"{src.label} was computed on a model of another structure than {where}: structure fingerprint "
             f"{stored} in the file, {next(mine.structures(keys))} for the model (names and shapes)"
             f"{others(lambda fp: fp.has_structure(stored, keys))}. {override}")
-    stored = meta.get("weights")
+    stored = recorded.get("weights")
     if stored and getattr(method, "stats_at_model_weights", True) and not mine.has_weights(stored, keys):
         raise IncompatibleModelsError(
             f"{src.label} was computed on other weights than model {where}: weights fingerprint {stored} "

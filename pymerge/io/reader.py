@@ -271,6 +271,9 @@ def open_fisher(obj, *, label: Optional[str] = None) -> TensorSource:
     else:
         src = open_source(obj, label=label)
     if src.metadata.get("pymerge_fisher") is None:
+        kind = src.metadata.get("kind") if src.metadata.get("pymerge_stats") is not None else None
+        if kind:  # statistics of another kind (gram, kfac): say so rather than "not pymerge's"
+            raise CheckpointError(f"{src.label}: is a {kind} statistics file, not a per-parameter Fisher")
         raise CheckpointError(f"{src.label}: has no pymerge Fisher metadata (was it written by `pymerge fisher`?)")
     for name in src.keys():
         if src.dtype(name) != torch.float32:
