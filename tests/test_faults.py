@@ -617,3 +617,71 @@ def test_a_live_writers_directory_is_never_removed(zoo, tmp_path, capsys):
         p.kill()
         p.wait()
     assert [d.name for d in writer.remove_stale(out)] == [tmp] and leftovers(out) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# one atomic file (statistics files written by `pymerge fisher` / `pymerge stats` / pymerge.stats.save)
+# --------------------------------------------------------------------------------------------------
+SLOW_FILE = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from pymerge.io.writer import atomic_file
+    with atomic_file(sys.argv[1]) as tmp:
+        tmp.write_bytes(b"partial")
+        print("ready", flush=True)
+        time.sleep(60)
+""")
+
+
+def _stats_for_file():
+    from pymerge.stats import store
+
+    t = {"w": torch.ones(3, 2)}
+    return store.Statistics(t, {"pymerge_stats": "1", "kind": "fisher", "pymerge_fisher": "1", "mode": "exact",
+                                "num_examples": "1", "structure": store.structure_fingerprint(t),
+                                "weights": store.weights_fingerprint(t)})
+
+
+def test_statistics_files_are_atomic_and_cleaned_after_kills(tmp_path, monkeypatch):
+    from pymerge.stats import store
+
+    target = tmp_path / "a.stats.safetensors"
+    script = tmp_path / "slow_file.py"
+    script.write_text(SLOW_FILE.format(root=str(ROOT)))
+
+    def beside():
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}."))
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        p = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.DEVNULL)
+        assert p.stdout.readline().strip() == "ready"
+        assert len(beside()) == 1
+        assert writer.remove_stale_files(target) == []  # its writer lives: kept
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        assert not target.exists()
+        if sig == signal.SIGTERM:
+            assert beside() == []  # cleaned on the way out
+        else:
+            assert len(beside()) == 1
+    store.save(target, _stats_for_file())  # the next write removes what the SIGKILL left
+    assert beside() == [] and store.load(target).tensors["w"].shape == (3, 2)
+    old = os.umask(0o027)
+    try:
+        store.save(target, _stats_for_file(), overwrite=True)
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o640
+    # disk full while writing: named, nothing partial, the existing file kept
+    before = target.read_bytes()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=f"no space left on device while writing {target}: the file needs 24 bytes"):
+        store.save(target, _stats_for_file(), overwrite=True)
+    assert target.read_bytes() == before and beside() == []
