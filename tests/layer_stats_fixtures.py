@@ -1,14 +1,11 @@
 """Gram / K-FAC statistics files in the SEAMS.md format, computed here with plain hooks for the method tests
-(independent of pymerge.stats: the methods must read any file of that format, whoever wrote it; the
-fingerprints are the format's own definition, pymerge.stats.store's functions)."""
+(independent of pymerge.stats: the methods must read any file of that format, whoever wrote it)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
-
-from pymerge.stats.store import structure_fingerprint, weights_fingerprint
 
 
 def _linear_layers(model):
@@ -62,14 +59,16 @@ def layer_statistics(model, batches, kind="gram", skip=("classifier", "score", "
     finally:
         for h in handles:
             h.remove()
+    from pymerge.stats.store import structure_fingerprint, weights_fingerprint
+
     tensors = {}
     for name, info in layers.items():
         info["tokens"] = counts[name]
         for suffix in ((".gram",) if kind == "gram" else (".kfac_in", ".kfac_out")):
             tensors[name + suffix] = (acc[name + suffix] / counts[name]).float().contiguous()
     meta = {"pymerge_stats": "1", "kind": kind, "mode": "empirical" if kind == "kfac" else "inputs",
-            "num_examples": str(sum(b["input_ids"].shape[0] for b in batches)), "structure": structure_fingerprint(model),
-            "weights": weights_fingerprint(model), "layers": json.dumps(layers)}
+            "num_examples": str(sum(b["input_ids"].shape[0] for b in batches)), "layers": json.dumps(layers),
+            "structure": structure_fingerprint(model), "weights": weights_fingerprint(model)}
     return tensors, meta
 
 

@@ -56,8 +56,8 @@ def layer_stats(seed, kind="gram", layers=LAYERS, rows=12):
             tensors[m + ".kfac_out"] = (o.T @ o / rows).float()
         meta_layers[m] = {"weight": m + ".weight", "bias": m + ".bias" if bias else None, "transposed": tr,
                           "in_features": d, "out_features": k, "tokens": rows}
-    meta = {"pymerge_stats": "1", "kind": kind, "mode": "inputs", "num_examples": str(rows), "structure": "-",
-            "weights": "-", "layers": json.dumps(meta_layers)}
+    meta = {"pymerge_stats": "1", "kind": kind, "mode": "inputs", "num_examples": str(rows),
+            "layers": json.dumps(meta_layers)}
     return SimpleNamespace(tensors=tensors, metadata=meta)
 
 
@@ -69,8 +69,7 @@ def fishers(seed=0):
     for i in range(M):
         g = torch.Generator().manual_seed(200 + i + seed)
         t = {k: torch.rand(s, generator=g) + 0.01 for k, s in SHAPES.items()}
-        out.append(store.Fisher(t, {"pymerge_fisher": "1", "mode": "exact", "num_examples": "4", "structure": "-",
-                                    "weights": "-"}))
+        out.append(store.Fisher(t, {"pymerge_fisher": "1", "mode": "exact", "num_examples": "4"}))
     return out
 
 

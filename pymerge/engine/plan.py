@@ -9,7 +9,6 @@ weights; `heads: drop` leaves them out. Tensors matching `head_patterns` are hea
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -253,7 +252,7 @@ def _open_side_inputs(plan: MergePlan) -> None:
     g = cfg.global_values()
     mv = [cfg.model_values(i) for i in range(len(models))]
     plan.side_inputs = tuple(method.side_inputs(g, mv))
-    fingerprints = {spec.name: ModelFingerprints(m) for spec, m in zip(cfg.models, models)}
+    fingerprints = {spec_m.name: ModelFingerprints(m) for spec_m, m in zip(cfg.models, models)}
     for spec in plan.side_inputs:
         if spec.scope == "global":
             value = g.get(spec.param)
@@ -275,7 +274,7 @@ def _open_side_inputs(plan: MergePlan) -> None:
                 continue
             src = open_side_input(spec, value, label)
             if spec.kind in STATS_KINDS:
-                check_stats_file(src, models[i], spec_m.name, method, spec.kind, spec.param,
+                check_stats_file(src, models[i], spec_m.name, method, spec.param, spec.kind,
                                  allow_foreign=cfg.allow_foreign_stats, fingerprints=fingerprints)
             if spec.per_layer:
                 for m in src.check_model(models[i], spec_m.name):
@@ -354,6 +353,9 @@ def _group_layers(plan: MergePlan, param: str, sources) -> None:
 # --------------------------------------------------------------------------------------------------
 # statistics files paired with models; outputs against inputs
 # --------------------------------------------------------------------------------------------------
+STATS_KINDS = ("fisher", "masks", "gram", "kfac")
+
+
 def stats_kind(metadata: Mapping[str, str]) -> Optional[str]:
     """fisher | masks | gram | kfac; files from before `kind` existed are fisher, or masks by their mode."""
     if metadata.get("kind"):
@@ -363,12 +365,8 @@ def stats_kind(metadata: Mapping[str, str]) -> Optional[str]:
     return None
 
 
-STATS_KINDS = ("fisher", "masks", "gram", "kfac")
-# What pymerge's store writes (sha256, 16 hex digits); another value (a hand-made file) records nothing to check.
-FINGERPRINT = re.compile(r"[0-9a-f]{16}")
-
-
-def check_stats_file(src, model: TensorSource, model_name: str, method: MergeMethod, want: str, param: str, *,
+def check_stats_file(src: TensorSource, model: TensorSource, model_name: str, method: MergeMethod, param: str,
+                     want: Optional[str], *,
                      allow_foreign: bool = False, fingerprints: Optional[Dict[str, ModelFingerprints]] = None
                      ) -> None:
     """A statistics file must be of the kind the method takes, and computed on the model it is paired with:
@@ -387,10 +385,12 @@ def check_stats_file(src, model: TensorSource, model_name: str, method: MergeMet
     if allow_foreign:
         return
     fingerprints = dict(fingerprints or {})
-    recorded = {k: v for k, v in meta.items() if k in ("structure", "weights") and FINGERPRINT.fullmatch(str(v))}
     mine = fingerprints.setdefault(model_name, ModelFingerprints(model))
     where = model_name if model.label == model_name else f"{model_name} ({model.label})"
-    keys = list(getattr(src, "source", src).keys())  # layer statistics wrap their file's source
+    if getattr(src, "layers", None):  # layer statistics name modules; their parameters are the candidates
+        keys = [n for info in src.layers.values() for n in (info.weight, info.bias) if n is not None]
+    else:
+        keys = list(src.keys()) if hasattr(src, "keys") else []
 
     def others(matches):
         hits = [n for n, fp in fingerprints.items() if n != model_name and matches(fp)]
@@ -399,13 +399,13 @@ def check_stats_file(src, model: TensorSource, model_name: str, method: MergeMet
 
     override = ("Give each model its own file, or set `allow_foreign_stats: true` in the config "
                 "(CLI: --allow-foreign-stats) if this is intended")
-    stored = recorded.get("structure")
+    stored = meta.get("structure")
     if stored and not mine.has_structure(stored, keys):
         raise IncompatibleModelsError(
             f"{src.label} was computed on a model of another structure than {where}: structure fingerprint "
             f"{stored} in the file, {next(mine.structures(keys))} for the model (names and shapes)"
             f"{others(lambda fp: fp.has_structure(stored, keys))}. {override}")
-    stored = recorded.get("weights")
+    stored = meta.get("weights")
     if stored and getattr(method, "stats_at_model_weights", True) and not mine.has_weights(stored, keys):
         raise IncompatibleModelsError(
             f"{src.label} was computed on other weights than model {where}: weights fingerprint {stored} "
@@ -423,14 +423,16 @@ def input_paths(plan: MergePlan) -> List[Tuple[str, Path]]:
         if isinstance(spec.model, (str, os.PathLike)):
             what = "base model" if spec is cfg.base_model else f"model {spec.name}"
             found.append((what, Path(spec.model)))
-    files = [p.name for p in cfg.method.params if p.is_file]
-    for name, value in cfg.global_values().items():
-        if name in files and isinstance(value, (str, os.PathLike)):
-            found.append((f"{name} file", Path(value)))
     for i, spec in enumerate(cfg.models):
-        for name, value in cfg.model_values(i).items():
-            if name in files and isinstance(value, (str, os.PathLike)):
-                found.append((f"{name} file of {spec.name}", Path(value)))
+        for p in cfg.method.params:
+            if p.is_file:
+                value = cfg.model_values(i).get(p.name)
+                if isinstance(value, (str, os.PathLike)):
+                    found.append((f"{p.name} file of {spec.name}", Path(value)))
+    for p in cfg.method.params:  # one file for the whole merge (e.g. mats' init_model)
+        value = cfg.global_values().get(p.name) if p.is_file and p.scope == "global" else None
+        if isinstance(value, (str, os.PathLike)):
+            found.append((f"{p.name} file", Path(value)))
     if getattr(cfg, "source", None) is not None:
         found.append(("config file", Path(cfg.source)))
     return found
