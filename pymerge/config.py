@@ -16,6 +16,12 @@
     allow_pickle: false
     check_finite: true
     allow_foreign_stats: false               # accept Fisher / statistics files computed on another model
+    out_dtype: bfloat16                      # written dtype, when it differs from the compute `dtype`
+    tokenizer_source: base                   # base | union | a model (name or path): tokenizer + embeddings
+
+mergekit's forms are accepted where the features overlap (see `pymerge.mergekit_compat`): `slices` with
+`sources` / `layer_range` instead of `models`, the base model listed among `models`, `model: PATH+ADAPTER`
+(a LoRA adapter merged into PATH through PEFT first), `tokenizer: {source: ...}`.
 
 Relative paths in a YAML file are relative to the file's directory; in a dict, to the working directory.
 In Python, `model` may also be an nn.Module or a state dict, and `fisher` a `pymerge.fisher.Fisher`.
@@ -31,12 +37,13 @@ import torch
 
 from pymerge.errors import excerpt, shorten
 from pymerge.io.writer import parse_size
-from pymerge.methods.base import REQUIRED, ConfigError, Filtered, MergeMethod, parse_value, suggest
+from pymerge.methods.base import REQUIRED, ConfigError, Filtered, MergeMethod, chain, parse_value, suggest
 from pymerge.methods.registry import get_method
 
 DEFAULT_HEAD_PATTERNS = ("classifier.*", "score.*", "qa_outputs.*", "classification_head.*")
 TOP_LEVEL_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "heads", "head_patterns",
-                  "config_from", "max_shard_size", "allow_pickle", "check_finite", "allow_foreign_stats")
+                  "config_from", "max_shard_size", "allow_pickle", "check_finite", "allow_foreign_stats",
+                  "slices", "out_dtype", "tokenizer_source", "tokenizer")
 MODEL_KEYS = ("model", "name", "parameters")
 HEAD_POLICIES = ("keep", "drop")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -65,6 +72,9 @@ class MergeConfig:
     check_finite: bool = True
     allow_foreign_stats: bool = False
     source: Optional[Path] = None          # the YAML file it was read from (an input the output must not touch)
+    out_dtype: Optional[torch.dtype] = None
+    tokenizer_source: Optional[Any] = None  # "base" | "union" | a model name | a Path
+    slices: Optional[List[Dict[str, Any]]] = None  # as given (mergekit), for the model card
 
     @property
     def merge_method(self) -> str:
@@ -76,8 +86,9 @@ class MergeConfig:
         for p in self.method.params:
             if p.scope != "model":
                 continue
+            general = self.values.get(p.name, p.default)
             if p.name in self.models[i].values:
-                out[p.name] = self.models[i].values[p.name]
+                out[p.name] = chain(self.models[i].values[p.name], general)
             elif p.name in self.values:
                 out[p.name] = self.values[p.name]
             else:
@@ -120,13 +131,29 @@ def _model_entry(raw, base_dir, where) -> Dict[str, Any]:
     if "model" not in raw or raw["model"] is None:
         raise ConfigError(f"{where}: missing `model` (a model directory)")
     entry = dict(raw)
-    entry["model"] = _resolve_path(raw["model"], base_dir, where, "model")
+    entry["model"] = _resolve_model(raw["model"], base_dir, where)
     return entry
+
+
+def _resolve_model(value, base_dir, where):
+    """A model path, or mergekit's `PATH+ADAPTER` (a LoRA adapter merged into PATH before merging)."""
+    from pymerge import mergekit_compat
+
+    lora = mergekit_compat.lora_reference(value, base_dir, where, _resolve_path)
+    return lora if lora is not None else _resolve_path(value, base_dir, where, "model")
+
+
+def _same_model(a, b) -> bool:
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return a is b
 
 
 def _default_name(model, i) -> str:
     if isinstance(model, Path):
         return model.stem if model.is_file() else model.name
+    if hasattr(model, "adapter_path"):  # PATH+ADAPTER: named after the adapter
+        return model.adapter_path.name
     return f"model{i}"
 
 
@@ -266,19 +293,35 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
     except ConfigError as exc:
         raise ConfigError(f"{src}: {exc}") from None
 
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise ConfigError(f"{src}: `models` must be a non-empty list of models")
-    entries = [_model_entry(m, base_dir, f"{src}: models[{i}]") for i, m in enumerate(models_raw)]
-    if len(entries) > 15:
-        raise ConfigError(f"{src}: at most 15 models can be merged at once, got {len(entries)}")
-
     base = None
     if raw.get("base_model") is not None:
         b = _model_entry(raw["base_model"], base_dir, f"{src}: base_model")
         if b.get("parameters"):
             raise ConfigError(f"{src}: base_model takes no parameters")
         base = ModelSpec(b["model"], str(b.get("name") or "base"))
+
+    slice_params: Dict[str, Any] = {}
+    if raw.get("slices") is not None:
+        from pymerge import mergekit_compat
+
+        if raw.get("models") is not None:
+            raise ConfigError(f"{src}: give either `models` or `slices`, not both")
+        entries, base_parts, slice_params = mergekit_compat.slice_models(
+            raw["slices"], base, base_dir, src, bool(raw.get("allow_pickle", False)), _resolve_model, _same_model)
+        if base_parts is not None:
+            base = ModelSpec(base_parts, base.name)
+    else:
+        models_raw = raw.get("models")
+        if not isinstance(models_raw, list) or not models_raw:
+            raise ConfigError(f"{src}: `models` must be a non-empty list of models (or mergekit's `slices`)")
+        entries = [_model_entry(m, base_dir, f"{src}: models[{i}]") for i, m in enumerate(models_raw)]
+        if base is not None and method.needs_base:  # mergekit lists the base among the models
+            is_base = [_same_model(e["model"], base.model) for e in entries]
+            rest = [e for e, b in zip(entries, is_base) if not b]
+            if rest:  # its parameters are ignored, as mergekit does (models that are all the base stay)
+                entries = rest
+    if len(entries) > 15:
+        raise ConfigError(f"{src}: at most 15 models can be merged at once, got {len(entries)}")
     if method.needs_base and base is None:
         raise ConfigError(f"{src}: merge_method {method.name!r} works on task vectors and needs `base_model` "
                           "(the pretrained model the others were fine-tuned from)")
@@ -288,6 +331,7 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
     params_raw = raw.get("parameters") or {}
     if not isinstance(params_raw, Mapping):
         raise ConfigError(f"{src}: `parameters` must be a mapping")
+    params_raw = {**params_raw, **slice_params}  # a (single) slice's parameters override the top level
     for k, v in params_raw.items():
         if k not in by_name:
             raise ConfigError(f"{src}: parameters: unknown parameter {excerpt(k)} for method {method.name!r}"
@@ -329,11 +373,15 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
     if dup:
         raise ConfigError(f"{src}: models share the name(s) {dup}; give each a distinct `name`")
 
-    dtype = raw.get("dtype")
-    if dtype is not None:
-        if str(dtype) not in DTYPES:
-            raise ConfigError(f"{src}: dtype {excerpt(dtype)} is not supported{suggest(excerpt(dtype), DTYPES)}")
-        dtype = DTYPES[str(dtype)]
+    dtype, out_dtype = raw.get("dtype"), raw.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None and str(value) not in DTYPES:
+            raise ConfigError(f"{src}: {key} {excerpt(value)} is not supported{suggest(excerpt(value), DTYPES)}")
+    dtype = DTYPES[str(dtype)] if dtype is not None else None
+    out_dtype = DTYPES[str(out_dtype)] if out_dtype is not None else None
+    from pymerge import mergekit_compat
+
+    tokenizer_source = mergekit_compat.tokenizer_source(raw, names, base, base_dir, src, _resolve_model)
     heads = raw.get("heads", "keep")
     if heads not in HEAD_POLICIES:
         raise ConfigError(f"{src}: heads must be one of {list(HEAD_POLICIES)}, got {excerpt(heads)}")
@@ -359,7 +407,9 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
                       allow_pickle=bool(raw.get("allow_pickle", False)),
                       check_finite=bool(raw.get("check_finite", True)),
                       allow_foreign_stats=bool(raw.get("allow_foreign_stats", False)),
-                      source=Path(src) if _is_pathlike(config) else None)
+                      source=Path(src) if _is_pathlike(config) else None, out_dtype=out_dtype,
+                      tokenizer_source=tokenizer_source,
+                      slices=list(raw["slices"]) if raw.get("slices") is not None else None)
     method.validate(cfg.global_values(), [cfg.model_values(i) for i in range(len(models))])
     return cfg
 

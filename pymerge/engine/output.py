@@ -29,7 +29,40 @@ def write_side_files(plan: MergePlan, out: OutputDirectory) -> None:
     for i, task in enumerate(plan.task_names):
         if plan.head_entries(i) and plan.models[i].config is not None:
             out.write_json(f"heads/{safe_task_name(task)}.config.json", plan.models[i].config)
-    out.write_json("pymerge_merge.json", describe(plan))
+    description = describe(plan)
+    out.write_json("pymerge_merge.json", description)
+    write_model_card(plan, out, description)
+    write_single_shard_index(plan, out)
+    write_tokenizer(plan, out)
+
+
+def write_model_card(plan: MergePlan, out: OutputDirectory, description: Dict[str, Any]) -> None:
+    """README.md: method, inputs, parameters, pymerge version (replaces any README of the inputs)."""
+    from pymerge.engine.card import model_card
+
+    (out.tmp / "README.md").write_text(model_card(plan, description))
+
+
+def write_single_shard_index(plan: MergePlan, out: OutputDirectory) -> None:
+    """`model.safetensors.index.json` also for a single shard (README promises it; sharded outputs have it)."""
+    from pymerge.io.safetensors_file import nbytes
+
+    if not (out.tmp / "model.safetensors").exists() or (out.tmp / "model.safetensors.index.json").exists():
+        return
+    entries = plan.main_entries()
+    out.write_json("model.safetensors.index.json", {
+        "metadata": {"total_size": sum(nbytes(e.dtype, e.shape) for e in entries)},
+        "weight_map": {e.name: "model.safetensors" for e in entries}})
+
+
+def write_tokenizer(plan: MergePlan, out: OutputDirectory) -> None:
+    """`tokenizer_source`: the chosen (or union) tokenizer replaces the copied one."""
+    tok = getattr(plan, "tokenizer", None)
+    if tok is not None:
+        for f in TOKENIZER_FILES:
+            if (out.tmp / f).exists():
+                (out.tmp / f).unlink()
+        tok.save(out.tmp)
 
 
 def describe(plan: MergePlan) -> Dict[str, Any]:
@@ -37,7 +70,9 @@ def describe(plan: MergePlan) -> Dict[str, Any]:
 
     def plain(v):
         if hasattr(v, "rules"):
-            return [{"filter": p, "value": x} if p is not None else {"value": x} for p, x in v.rules]
+            return [{"filter": p, "value": plain(x)} if p is not None else {"value": plain(x)} for p, x in v.rules]
+        if hasattr(v, "values") and isinstance(getattr(v, "values"), tuple):  # a Gradient
+            return list(v.values)
         if isinstance(v, (str, int, float, bool)) or v is None:
             return v
         return str(v)
@@ -45,12 +80,25 @@ def describe(plan: MergePlan) -> Dict[str, Any]:
     return {
         "merge_method": cfg.merge_method,
         "parameters": {k: plain(v) for k, v in cfg.values.items()},
-        "models": [{"model": str(m.model) if isinstance(m.model, (str, Path)) else m.name, "name": m.name,
+        "models": [{"model": _model_ref(m), "name": m.name,
                     "parameters": {k: plain(v) for k, v in m.values.items()}} for m in cfg.models],
-        "base_model": str(cfg.base_model.model) if cfg.base_model and isinstance(cfg.base_model.model, (str, Path))
-        else None,
+        "base_model": _model_ref(cfg.base_model) if cfg.base_model else None,
         "dtype": str(cfg.dtype).replace("torch.", "") if cfg.dtype else None,
+        "out_dtype": str(cfg.out_dtype).replace("torch.", "") if getattr(cfg, "out_dtype", None) else None,
+        "tokenizer_source": None if getattr(cfg, "tokenizer_source", None) is None else str(cfg.tokenizer_source),
         "heads": cfg.heads,
         "head_patterns": cfg.head_patterns,
         "summary": plan.summary(),
     }
+
+
+def _model_ref(spec) -> str:
+    """A path as given, a LoRA as PATH+ADAPTER, layer slices as their parts; in-memory models by name."""
+    m = spec.model
+    if isinstance(m, (str, Path)):
+        return str(m)
+    if hasattr(m, "parts"):
+        return " + ".join(f"{p}[{a}:{b}]" for p, (a, b) in m.parts)
+    if hasattr(m, "adapter_path"):
+        return str(m)
+    return spec.name

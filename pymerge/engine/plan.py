@@ -17,9 +17,10 @@ import torch
 
 from pymerge.config import MergeConfig, load_config
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
+from pymerge.engine.tokenizer import apply_tokenizer_source
 from pymerge.io.fingerprint import ModelFingerprints
 from pymerge.io.reader import TensorSource, open_source
-from pymerge.methods.base import ConfigError, MergeMethod, pattern_matches
+from pymerge.methods.base import ConfigError, MergeMethod, layer_depth, layer_index, pattern_matches
 from pymerge.methods.layers import LayerInfo, SideInput, open_side_input
 
 # Config fields that must agree for two checkpoints to be one architecture.
@@ -37,6 +38,8 @@ class PlanEntry:
     models: List[int] = field(default_factory=list)  # heads: which models have it
     base_name: Optional[str] = None
     layer: Optional[LayerInfo] = None  # merged with the other tensors of this layer (weight, then bias)
+    depth: float = 0.0            # position over the layers in [0, 1] (values that vary across layers)
+    compute_dtype: Optional[torch.dtype] = None  # inputs are cast to this (default: dtype); `out_dtype` differs
 
 
 @dataclass
@@ -54,6 +57,7 @@ class MergePlan:
     global_aux: Dict[str, TensorSource] = field(default_factory=dict)  # param -> one source (e.g. init model)
     layers: Dict[str, LayerInfo] = field(default_factory=dict)         # module -> layer merged as one unit
     unused_layers: List[str] = field(default_factory=list)  # statistics of layers the checkpoints do not store
+    tokenizer: Any = None                    # tokenizer_source: the output tokenizer (engine/tokenizer.py)
 
     @property
     def task_names(self) -> List[str]:
@@ -208,6 +212,7 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
     if cfg.base_model is not None:
         base = open_source(cfg.base_model.model, label=cfg.base_model.name, allow_pickle=cfg.allow_pickle)
     check_architectures(models + ([base] if base is not None else []))
+    models, base, tokenizer = apply_tokenizer_source(cfg, models, base)
 
     use_base = base is not None and method.needs_base
     sv = survey_tensors(models, base if use_base else None, cfg.head_patterns, cfg.dtype)
@@ -232,7 +237,7 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
     config_index = 0
     if cfg.config_from is not None:
         config_index = next((i for i, m in enumerate(cfg.models) if m.name == cfg.config_from), None)
-    plan = MergePlan(cfg, models, base, {}, entries, config_index, prefix, ignored)
+    plan = MergePlan(cfg, models, base, {}, entries, config_index, prefix, ignored, tokenizer=tokenizer)
     _open_side_inputs(plan)
     for e in entries:  # a head in the main checkpoint is the config_from model's (own dtype unless `dtype`)
         if e.kind == "head":
@@ -240,7 +245,42 @@ def plan_merge(config: Union[MergeConfig, Mapping, str, Path], **overrides) -> M
             e.shape = tuple(owner.shape(e.name))
             d = owner.dtype(e.name)
             e.dtype = cfg.dtype if cfg.dtype is not None and d.is_floating_point else d
+    assign_depths(plan)
+    apply_out_dtype(plan)
     return plan
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def num_layers(source: TensorSource, names: List[str]) -> Optional[int]:
+    """The model's layer count: its config, else the highest numbered layer in the tensor names + 1."""
+    for k in LAYER_COUNT_KEYS:
+        if source.config and isinstance(source.config.get(k), int):
+            return source.config[k]
+    found = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(found) + 1 if found else None
+
+
+def assign_depths(plan: MergePlan) -> None:
+    """Each entry's depth t for gradients: a stacked-slices source knows it per slice (mergekit), otherwise
+    layer / (num_layers - 1), 0 outside the layers."""
+    src = plan.models[0]
+    by_source = getattr(src, "layer_depth", None)
+    n = None if by_source else num_layers(src, [e.name for e in plan.entries])
+    for e in plan.entries:
+        e.depth = by_source(e.name) if by_source else layer_depth(e.name, n)
+
+
+def apply_out_dtype(plan: MergePlan) -> None:
+    """`out_dtype`: merge in the compute dtype, write float tensors in out_dtype (mergekit's dtype/out_dtype)."""
+    out = getattr(plan.config, "out_dtype", None)
+    if out is None:
+        return
+    for e in plan.entries:
+        if e.dtype.is_floating_point:
+            e.compute_dtype = e.dtype
+            e.dtype = out
 
 
 def _open_side_inputs(plan: MergePlan) -> None:

@@ -37,21 +37,22 @@ def _check_values(t: torch.Tensor, label: str, name: str, fisher: bool = False) 
 
 
 def _read_model_tensors(plan: MergePlan, e: PlanEntry, rows):
-    """Every model's (and the base model's) tensor `e`, checked and cast to the output dtype."""
+    """Every model's (and the base model's) tensor `e`, checked and cast to the compute dtype."""
     check = plan.config.check_finite
+    dtype = e.compute_dtype or e.dtype
     xs = []
     for m in plan.models:
         t = m.read(e.name, rows)
         if check:
             _check_values(t, m.label, e.name)
-        xs.append(t.to(e.dtype) if t.dtype != e.dtype else t)
+        xs.append(t.to(dtype) if t.dtype != dtype else t)
     base = None
     if plan.config.method.needs_base:
         base = plan.base.read(e.base_name, rows)
         if check:
             _check_values(base, plan.base.label, e.base_name)
-        if base.dtype != e.dtype:
-            base = base.to(e.dtype)
+        if base.dtype != dtype:
+            base = base.to(dtype)
     return xs, base
 
 
@@ -161,9 +162,9 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
                 else:
                     pending[j] = pool.submit(_load_inputs, plan, e, rows)
 
-        def resolved(name):
-            g = {k: resolve(v, name, k) for k, v in globals_raw.items() if k not in file_params}
-            mp = [{k: resolve(v, name, k) for k, v in m.items() if k not in file_params} for m in models_raw]
+        def resolved(name, depth=None):
+            g = {k: resolve(v, name, k, depth) for k, v in globals_raw.items() if k not in file_params}
+            mp = [{k: resolve(v, name, k, depth) for k, v in m.items() if k not in file_params} for m in models_raw]
             return g, mp
 
         try:
@@ -174,8 +175,9 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
                             t = plan.models[i].read(e.name)
                             if cfg.check_finite:
                                 _check_values(t, plan.models[i].label, e.name)
-                            if cfg.dtype is not None and t.is_floating_point():
-                                t = t.to(cfg.dtype)
+                            out_dtype = getattr(cfg, "out_dtype", None) or cfg.dtype
+                            if out_dtype is not None and t.is_floating_point():
+                                t = t.to(out_dtype)
                             sink.head(i, e.name, t)
                 elif e.kind == "copy":
                     sink.main(e.name, plan.models[plan.config_index or 0].read(e.name))
@@ -185,7 +187,7 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
                     fetch(j)
                     if prefetch and j in next_merge:
                         fetch(next_merge[j])
-                    g, mp = resolved(e.name)
+                    g, mp = resolved(e.name, e.depth)
                     outs = method.merge_layer(LayerInputs(info=e.layer, params=g, model_params=mp, state=state,
                                                           **pending.pop(j).result()))
                     for part in [e] + ([bias_of(e)] if e.layer.bias is not None else []):
@@ -202,7 +204,7 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
                     if prefetch and j in next_merge:
                         fetch(next_merge[j])
                     xs, base, aux = pending.pop(j).result()
-                    g, mp = resolved(e.name)
+                    g, mp = resolved(e.name, e.depth)
                     out = method.merge_tensor(TensorInputs(e.name, xs, base, g, mp, aux, state, owned=owned))
                     del xs, base, aux
                     sink.main(e.name, out if out.dtype == e.dtype else out.to(e.dtype))

@@ -57,4 +57,5 @@ class DiskSink:
 
 def head_dtype(plan, src, e):
     d = src.dtype(e.name)
-    return plan.config.dtype if plan.config.dtype is not None and d.is_floating_point else d
+    out = getattr(plan.config, "out_dtype", None) or plan.config.dtype
+    return out if out is not None and d.is_floating_point else d

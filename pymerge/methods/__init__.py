@@ -13,4 +13,5 @@ from pymerge.methods.registry import available, get_method, register  # noqa: F4
 # Built-in methods (import order = listing order).
 from pymerge.methods import average, task_arithmetic, general_task_arithmetic, ties, dare  # noqa: F401,E402
 from pymerge.methods import fisher, dfmerge, mask_fisher  # noqa: F401,E402
+from pymerge.methods import slerp, passthrough, model_stock, della, breadcrumbs  # noqa: F401,E402
 from pymerge.methods import regmean, mats  # noqa: F401,E402

@@ -5,6 +5,11 @@ Parameter values come from three places, most specific first: a model's `paramet
 given per tensor as a list of `{filter: PATTERN, value: V}` entries, the first whose pattern matches the tensor
 name wins, and an entry without `filter` is the fallback. A pattern is an fnmatch glob against the full name;
 one without wildcards matches as a substring (as in mergekit).
+
+A float value may also vary across layers (mergekit's gradients): a list of numbers `[v_0, ..., v_{K-1}]`,
+alone or as the `value` of a filter entry, is interpolated piecewise-linearly at the tensor's depth
+t in [0, 1]: t = layer / (num_layers - 1) for a tensor of a numbered layer (`....layers.7.`), t = 0 for
+tensors outside the layers (embeddings, final norm, head), as mergekit does.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import difflib
 import fnmatch
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -49,6 +55,7 @@ class Param:
     check: Optional[Callable[[Any], Optional[str]]] = None  # returns an error message or None
     help: str = ""
     file_format: str = "fisher"  # file params: "fisher" (pymerge Fisher file, checked) or "tensors" (any)
+    aliases: Tuple[Tuple[Any, Any], ...] = ()  # accepted spellings, e.g. ((True, "l1"), (False, "none"))
 
     @property
     def is_file(self) -> bool:
@@ -57,6 +64,10 @@ class Param:
     def coerce(self, value, where: str):
         """Type-check and normalise one scalar value (not a filter list)."""
         t = self.type
+        for alias, meant in self.aliases:
+            if value is alias or (type(value) is type(alias) and value == alias):
+                value = meant
+                break
         if self.is_file:
             if value is None or isinstance(value, (str, os.PathLike)) or hasattr(value, "tensors") \
                     or isinstance(value, Mapping):
@@ -103,11 +114,61 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return pattern in name
 
 
+LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> Optional[int]:
+    """The transformer layer a tensor belongs to (`model.layers.3.mlp...` -> 3), or None outside the layers."""
+    m = LAYER_INDEX.search("." + tensor_name)
+    return int(m.group(1)) if m else None
+
+
+def layer_depth(tensor_name: str, num_layers: Optional[int]) -> float:
+    """mergekit's gradient position: layer / (num_layers - 1) in the layers (1 when there is one layer),
+    0 outside them."""
+    i = layer_index(tensor_name)
+    if i is None or not num_layers:
+        return 0.0
+    return 1.0 if num_layers <= 1 else min(1.0, i / (num_layers - 1))
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """A value interpolated over layer depth t in [0, 1] from K anchors spread evenly (mergekit semantics)."""
+
+    values: Tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        v = self.values
+        scaled = min(max(float(t), 0.0), 1.0) * (len(v) - 1)
+        i0 = int(scaled)
+        i1 = min(len(v) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * v[i0] + frac * v[i1]
+
+
+def _is_gradient(raw) -> bool:
+    return isinstance(raw, list) and bool(raw) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw)
+
+
+def _parse_scalar_or_gradient(param: "Param", raw, where: str):
+    if _is_gradient(raw):
+        if param.type is not float:
+            raise ConfigError(f"{where}: parameter {param.name!r} cannot vary across layers (a list of numbers "
+                              f"is only accepted for float parameters), got {raw!r}")
+        return Gradient(tuple(param.coerce(x, where) for x in raw))
+    return param.coerce(raw, where)
+
+
 @dataclass
 class Filtered:
     """A per-tensor value: [(pattern or None, value)], first match wins, None is the fallback."""
 
     rules: List[Tuple[Optional[str], Any]]
+
+    def has_fallback(self) -> bool:
+        return any(p is None or p == "*" for p, _ in self.rules)
 
     def resolve(self, tensor_name: str, param: str):
         for pattern, value in self.rules:
@@ -118,7 +179,10 @@ class Filtered:
 
 
 def parse_value(param: Param, raw, where: str):
-    """A scalar, or a list of {filter, value} dicts (per tensor). Returns the coerced value or a Filtered."""
+    """A scalar, a list of numbers (across layers: a Gradient), or a list of {filter, value} dicts (per tensor;
+    each value a scalar or a list of numbers). Returns the coerced value, a Gradient or a Filtered."""
+    if isinstance(raw, list) and not param.is_file and _is_gradient(raw):
+        return _parse_scalar_or_gradient(param, raw, where)
     if isinstance(raw, list) and not param.is_file:
         rules = []
         for i, entry in enumerate(raw):
@@ -129,15 +193,29 @@ def parse_value(param: Param, raw, where: str):
             pattern = entry.get("filter")
             if pattern is not None and not isinstance(pattern, str):
                 raise ConfigError(f"{w}: filter must be a string pattern, got {excerpt(pattern)}")
-            rules.append((pattern, param.coerce(entry["value"], w)))
+            rules.append((pattern, _parse_scalar_or_gradient(param, entry["value"], w)))
         if not rules:
             raise ConfigError(f"{where}: parameter {param.name!r} is an empty list")
         return Filtered(rules)
     return param.coerce(raw, where)
 
 
-def resolve(value, tensor_name: str, param: str):
-    return value.resolve(tensor_name, param) if isinstance(value, Filtered) else value
+def resolve(value, tensor_name: str, param: str, depth: float = 0.0):
+    """The value of one parameter for one tensor: filter entries matched on its name, gradients at `depth`."""
+    if isinstance(value, Filtered):
+        value = value.resolve(tensor_name, param)
+    if isinstance(value, Gradient):
+        value = value.at(depth)
+    return value
+
+
+def chain(specific, general):
+    """`specific` (a model's value) with `general` (the top-level value) where no filter entry of it matches:
+    mergekit falls back to the next level when a model's filter list has no match."""
+    if isinstance(specific, Filtered) and not specific.has_fallback() and general is not REQUIRED:
+        rest = general.rules if isinstance(general, Filtered) else [(None, general)]
+        return Filtered(list(specific.rules) + list(rest))
+    return specific
 
 
 @dataclass

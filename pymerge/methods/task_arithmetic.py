@@ -21,8 +21,13 @@ class TaskArithmetic(MergeMethod):
     params = (
         Param("lambda", float, 1.0, help="scaling λ of the summed task vectors"),
         Param("weight", float, 1.0, scope="model", help="per-model factor w_i (coefficient λ w_i)"),
+        Param("normalize", bool, False, help="divide the weights by their sum (mergekit)"),
+        Param("int8_mask", bool, False, help="accepted for mergekit configs; no effect"),
     )
 
     def merge_tensor(self, x):
-        lam = x.params["lambda"]
-        return task_vector_sum(x, [lam * w for w in x.per_model("weight")])
+        lam, w = x.params["lambda"], x.per_model("weight")
+        div = sum(w) if x.params["normalize"] else 1.0
+        if abs(div) < 1e-8:  # as mergekit: a vanishing sum of weights is not divided by
+            div = 1.0
+        return task_vector_sum(x, [lam * wi / div for wi in w])
