@@ -42,6 +42,12 @@ class TensorSource:
         """The tensor (a fresh CPU tensor for files), or rows [start, stop) of its first dimension."""
         raise NotImplementedError
 
+    def input_paths(self) -> List[Path]:
+        """The files / directories this source reads (an output may never touch them); none in memory.
+        Wrappers delegate to the source they wrap (`inner`)."""
+        inner = getattr(self, "inner", None)
+        return inner.input_paths() if isinstance(inner, TensorSource) else []
+
     def read_elements(self, name: str, flat_indices) -> torch.Tensor:
         """Elements of the flattened tensor at `flat_indices` (sources on disk read only those bytes)."""
         return self.read(name).reshape(-1)[torch.as_tensor(list(flat_indices), dtype=torch.long)]
@@ -108,6 +114,7 @@ class CheckpointDir(TensorSource):
     def __init__(self, path: Union[str, os.PathLike], *, allow_pickle: bool = False):
         path = Path(path)
         self.label = str(path)
+        self.path = path
         if not path.exists():
             raise FileNotFoundError(f"{path}: model not found (expected a model directory or .safetensors file)")
         if path.is_file():
@@ -188,6 +195,9 @@ class CheckpointDir(TensorSource):
     def dtype(self, name):
         h = self._where[name]
         return h.dtype(name) if isinstance(h, SafetensorsFile) else h[name].dtype
+
+    def input_paths(self):
+        return [self.path]
 
     def read_elements(self, name, flat_indices):
         h = self._where[name]
