@@ -687,33 +687,32 @@ def test_statistics_files_are_atomic_and_cleaned_after_kills(tmp_path, monkeypat
     assert target.read_bytes() == before and beside() == []
 
 
-def test_outputs_never_touch_inputs_reached_through_lora_slices_or_tokenizer_source(tmp_path, capsys):
+def test_outputs_never_touch_inputs_reached_through_lora_slices_or_tokenizer_source(zoo, tmp_path, capsys):
     """The inputs come from the opened sources (each knows the paths it reads), not from a list of config keys."""
-    import mergekit_models as mm
-
-    fam = mm.build_family(tmp_path / "fam", "llama", 2, layers=2)
-    inputs = [tmp_path / "fam"]
+    sst, rte, base = zoo["sst"], zoo["rte"], zoo["bert_base"]
+    inputs = [zoo["root"]]
     cases = {}
     slices = tmp_path / "slices.yml"
-    slices.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {fam['ft0']}\n"
-                      f"        layer_range: [0, 1]\n  - sources:\n      - model: {fam['ft1']}\n"
+    slices.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {sst}\n"
+                      f"        layer_range: [0, 1]\n  - sources:\n      - model: {rte}\n"
                       "        layer_range: [1, 2]\n")
-    cases["slices"] = (slices, fam["ft1"] / "out", "lies inside the model")
+    cases["slices"] = (slices, rte / "out", "lies inside the model")
     tok = tmp_path / "tok.yml"
-    tok.write_text(f"merge_method: linear\nbase_model: {fam['base']}\nmodels: [{fam['ft0']}, {fam['ft1']}]\n"
-                   f"tokenizer_source: {fam['ft1']}\n")
-    cases["tokenizer_source"] = (tok, fam["ft1"], "is the model")
+    tok.write_text(f"merge_method: average\nmodels: [{sst}, {rte}]\ntokenizer_source: {zoo['topic']}\n")
+    cases["tokenizer_source"] = (tok, zoo["topic"], "is the tokenizer_source")
     try:
         import peft
 
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel
 
-        model = AutoModelForCausalLM.from_pretrained(str(fam["base"]))
-        lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-        lora.save_pretrained(str(tmp_path / "fam" / "adapter"))
+        lora = peft.get_peft_model(AutoModel.from_pretrained(str(base)),
+                                   peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+        adapter = tmp_path / "adapter"
+        lora.save_pretrained(str(adapter))
+        inputs.append(adapter)
         cfg = tmp_path / "lora.yml"
-        cfg.write_text(f"merge_method: linear\nmodels: [{fam['base']}+{tmp_path / 'fam' / 'adapter'}, {fam['ft0']}]\n")
-        cases["lora"] = (cfg, tmp_path / "fam" / "adapter" / "merged", "lies inside the model")
+        cfg.write_text(f"merge_method: average\nmodels: [{base}+{adapter}, {base}]\n")
+        cases["lora"] = (cfg, adapter / "merged", "lies inside the model")
     except ImportError:  # peft is optional
         pass
     for name, (cfg, out, what) in cases.items():
