@@ -16,6 +16,8 @@ _LAZY = {
     "merge": ("pymerge.engine", "merge"),
     "merge_state_dicts": ("pymerge.engine", "merge_state_dicts"),
     "plan_merge": ("pymerge.engine", "plan_merge"),
+    "dfmerge": ("pymerge.search.api", "dfmerge"),
+    "DFMergeResult": ("pymerge.search.api", "DFMergeResult"),
 }
 
 

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("merge", "inspect", "fisher", "stats", "demo")
+COMMANDS = ("merge", "inspect", "fisher", "stats", "demo", "search")
 
 EPILOG = "Run `pymerge COMMAND --help` for a command's options. Documentation: README.md of the project."
 

@@ -50,7 +50,7 @@ def collect_gram(model, batches, *, mode: str = "forward", exclude: Sequence[str
     examples, tokens = int(counts[0]), dict(zip(names, counts[1:]))
     if examples == 0:
         raise ValueError("batches: no examples (the iterable was empty)")
-    tensors = {n + ".gram": moments.augmented_mean(n, tokens[n]) for n in names}
+    tensors = {n + ".gram": moments.mean_(n, tokens[n]) for n in names}
     metadata = base_metadata("gram", mode, examples, model)
     metadata["layers"] = linear.layer_metadata(layers, tokens)
     return Statistics(tensors, metadata)

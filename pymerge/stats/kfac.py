@@ -39,8 +39,7 @@ def collect_kfac(model, batches, *, mode: str = "empirical", num_samples: int = 
     rows = linear.TokenRows()
 
     def on_grad(call, g):
-        r = rows.select(call.name, g).to(dtype)
-        grams[call.name].addmm_(r.T, r)
+        linear.add_gram_(grams[call.name], rows.select(call.name, g).to(dtype))
 
     examples = 0
     with FrozenParameters(model), LayerCapture(layers) as capture:
@@ -66,7 +65,7 @@ def collect_kfac(model, batches, *, mode: str = "empirical", num_samples: int = 
             del out, calls
             examples += out_rows(batch)
     names = list(layers)
-    sums = moments.sums()
+    sums = {n + ".a": t for n, t in moments.sums().items()}
     sums.update({n + ".g": t for n, t in grams.items()})
     counts = all_reduce_sums(sums, [float(examples)] + [moments.count[n] for n in names])
     examples, tokens = int(counts[0]), dict(zip(names, counts[1:]))
@@ -74,8 +73,8 @@ def collect_kfac(model, batches, *, mode: str = "empirical", num_samples: int = 
         raise ValueError("batches: no examples (the iterable was empty)")
     tensors = {}
     for n in names:
-        tensors[n + ".kfac_in"] = moments.augmented_mean(n, tokens[n])
-        tensors[n + ".kfac_out"] = (grams[n] / max(tokens[n], 1.0)).float().cpu()
+        tensors[n + ".kfac_in"] = moments.mean_(n, tokens[n])
+        tensors[n + ".kfac_out"] = grams[n].div_(max(tokens[n], 1.0)).float().cpu()
     metadata = base_metadata("kfac", mode, examples, model)
     metadata["layers"] = linear.layer_metadata(layers, tokens)
     metadata["length_normalize"] = str(bool(length_normalize))

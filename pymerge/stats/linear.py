@@ -76,22 +76,25 @@ def check_memory(kind: str, layers: Dict[str, nn.Module], matrices, device: torc
     """Refuse (StatisticsTooLarge, a MemoryError, with the numbers) when the per-layer matrices cannot fit; return the bytes needed.
 
     matrices(d', k) -> list of matrix sides per layer (gram: [d'], kfac: [d', k]). Counted: the accumulators
-    (acc_dtype, on `device`) and the fp32 results."""
+    (acc_dtype, on `device`; fp32 results are formed in them, apart on another device or dtype) and one scratch
+    product of the widest input."""
     per_layer = []
     for name, module in layers.items():
         d, k, _ = sizes(module)
         sides = matrices(d + (module.bias is not None), k)
         per_layer.append((sum(s * s for s in sides), name, sides))
     elems = sum(e for e, _, _ in per_layer)
-    need = elems * (torch.finfo(acc_dtype).bits // 8 + 4)
+    apart = device.type != "cpu" or acc_dtype != torch.float32  # results copied out of the accumulators
+    widest = max(sizes(m)[0] for m in layers.values())
+    need = elems * (torch.finfo(acc_dtype).bits // 8 + (4 if apart else 0)) + widest * (widest + 1) * 4
     budget, what = (max_memory_bytes, "allowed (max_memory_bytes)") if max_memory_bytes is not None \
         else _available_bytes(device)
     if need > budget:
         top = sorted(per_layer, reverse=True)[:3]
         biggest = ", ".join(f"{n} {'+'.join(f'{s}x{s}' for s in sides)}" for _, n, sides in top)
         raise StatisticsTooLarge(f"{kind} statistics of {len(layers)} linear layers need {_gib(need)} "
-                          f"({elems:,} matrix entries, accumulated in {str(acc_dtype).replace('torch.', '')} plus "
-                          f"fp32 results) but only {_gib(budget)} are {what}; largest layers: {biggest}. Leave "
+                          f"({elems:,} matrix entries, accumulated in {str(acc_dtype).replace('torch.', '')}"
+                          f"{' plus fp32 results on the CPU' if apart else ''}) but only {_gib(budget)} are {what}; largest layers: {biggest}. Leave "
                           f"layers out with exclude=[pattern, ...] (CLI: --exclude), e.g. the LM head")
     return need
 
@@ -144,50 +147,73 @@ class TokenRows:
         return flat
 
 
+# ------------------------------------------------------------------------------------------ products
+# One full GEMM per product: computing only the upper blocks of the symmetric zᵀz (about 2/3 of the
+# multiply-adds for 3 blocks) measured no faster on the 2-core CPU of bench/stats.py, so it was left out.
+def add_gram_(acc: torch.Tensor, z: torch.Tensor, *, beta: float = 1.0) -> None:
+    """acc[:d, :d] = beta * acc[:d, :d] + zᵀz, in place (a strided view when acc is bias-augmented)."""
+    d = z.shape[1]
+    acc[:d, :d].addmm_(z.T, z, beta=beta)
+
+
+def complete_(acc: torch.Tensor, d: int) -> torch.Tensor:
+    """For a bias-augmented [d + 1, d + 1] accumulator, its last row from its last column (symmetry)."""
+    if acc.shape[0] > d:
+        acc[d, :d] = acc[:d, d]
+    return acc
+
+
 class SecondMoments:
-    """Σ z zᵀ, Σ z and the row count per layer (bias augmentation assembled at the end), accumulated in fp32
-    (fp64 for fp64 models). Layers reading the same input tensor one after the other (q, k, v) share one product."""
+    """Per layer, Σ z' z'ᵀ of the bias-augmented rows z' = [z, 1] accumulated straight into the [d', d'] result
+    (Σ z zᵀ, Σ z in the last column, the row count in the corner), in fp32 (fp64 for fp64
+    models). A product is formed once in a scratch buffer reused across calls and batches, then added to every
+    layer reading that same input tensor one after the other (q, k, v)."""
 
     def __init__(self, layers: Dict[str, nn.Module], device, dtype: torch.dtype):
         self.layers = layers
         self.dtype = dtype
-        self.zz = {n: torch.zeros(sizes(m)[0], sizes(m)[0], dtype=dtype, device=device) for n, m in layers.items()}
-        self.zsum = {n: torch.zeros(sizes(m)[0], dtype=dtype, device=device) for n, m in layers.items()}
+        self.acc = {}
+        for n, m in layers.items():
+            side = sizes(m)[0] + (m.bias is not None)
+            self.acc[n] = torch.zeros(side, side, dtype=dtype, device=device)
         self.count = {n: 0.0 for n in layers}
-        self._last = None  # (input tensor, version, rows, zz, zsum, count) of the previous call
+        self._scratch: Dict[int, torch.Tensor] = {}  # d -> [d, d + 1]: product and column sums
+        self._last = None  # (input tensor, version, masks, scratch, count) of the previous call
 
     def add(self, name: str, x: torch.Tensor, rows: TokenRows) -> None:
         last = self._last
         if last is not None and last[0].data_ptr() == x.data_ptr() and last[0].shape == x.shape \
                 and last[0].stride() == x.stride() and last[1] == x._version and last[2] is rows.masks:
-            _, _, _, zz, zsum, count = last
+            scratch, count = last[3], last[4]
         else:
             z = rows.select(name, x).to(self.dtype)
-            zz, zsum, count = z.T @ z, z.sum(0), float(z.shape[0])
-            self._last = (x, x._version, rows.masks, zz, zsum, count)
-        self.zz[name] += zz
-        self.zsum[name] += zsum
+            d = z.shape[1]
+            scratch = self._scratch.get(d)
+            if scratch is None:
+                scratch = self._scratch[d] = z.new_zeros(d, d + 1)
+            add_gram_(scratch, z, beta=0.0)
+            torch.sum(z, 0, out=scratch[:, d])
+            count = float(z.shape[0])
+            self._last = (x, x._version, rows.masks, scratch, count)
+        acc = self.acc[name]
+        d = scratch.shape[0]
+        if acc.shape[0] == d:  # no bias: the product only
+            acc.add_(scratch[:, :d])
+        else:  # bias: product and column sums, the row count in the corner
+            acc[:d].add_(scratch)
+            acc[d, d] += count
         self.count[name] += count
 
     def end_batch(self) -> None:
         self._last = None
 
     def sums(self) -> Dict[str, torch.Tensor]:
-        return {**{n + ".zz": t for n, t in self.zz.items()}, **{n + ".zsum": t for n, t in self.zsum.items()}}
+        return self.acc
 
-    def augmented_mean(self, name: str, count: float) -> torch.Tensor:
-        """(1/N) Σ [z; 1][z; 1]ᵀ as fp32 [d', d'] (d' = d + 1 with a bias)."""
-        zz, zsum = self.zz[name], self.zsum[name]
-        if self.layers[name].bias is None:
-            out = zz
-        else:
-            d = zz.shape[0]
-            out = zz.new_empty(d + 1, d + 1)
-            out[:d, :d] = zz
-            out[:d, d] = zsum
-            out[d, :d] = zsum
-            out[d, d] = count
-        return (out / max(count, 1.0)).float().cpu()
+    def mean_(self, name: str, count: float) -> torch.Tensor:
+        """(1/N) Σ z' z'ᵀ as fp32 [d', d'], formed in place in the accumulator."""
+        d = sizes(self.layers[name])[0]
+        return complete_(self.acc[name], d).div_(max(count, 1.0)).float().cpu()
 
 
 def accumulation_dtype(model: nn.Module) -> torch.dtype:

@@ -1,0 +1,68 @@
+"""Tiny float32 models and synthetic tasks for the search tests: a pretrained model and fine-tunes that are
+perturbed copies (each with its own head size for BERT)."""
+import torch
+import transformers
+
+from pymerge.eval.tasks import Task
+from tests.eval_fixtures import choice_examples, classification_examples
+from tests.fisher_models import PAD, VOCAB
+
+
+def _perturb(model, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def bert_cfg(num_labels):
+    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=24, max_position_embeddings=32, num_labels=num_labels,
+                                   pad_token_id=PAD)
+
+
+def bert_zoo(labels=(3, 2)):
+    """(pretrained BertModel, [fine-tuned BertForSequenceClassification], [Task]) with M = len(labels)."""
+    torch.manual_seed(0)
+    base = transformers.BertModel(bert_cfg(2), add_pooling_layer=True).eval()
+    fts, tasks = [], []
+    for i, c in enumerate(labels):
+        torch.manual_seed(10 + i)
+        ft = transformers.BertForSequenceClassification(bert_cfg(c))
+        ft.bert.load_state_dict(base.state_dict())
+        fts.append(_perturb(ft, 100 + i))
+        tasks.append(Task(f"t{i}", classification_examples(10, c, seed=i), test=classification_examples(6, c, 50 + i),
+                          batch_size=8, fisher_inputs=[{"input_ids": e["input_ids"]} for e in
+                                                       classification_examples(4, c, seed=20 + i)]))
+    return base, fts, tasks
+
+
+def gpt2_zoo(m=2):
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=PAD,
+                                  bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(2)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    fts = []
+    for i in range(m):
+        ft = transformers.GPT2LMHeadModel(cfg)
+        ft.load_state_dict(base.state_dict())
+        fts.append(_perturb(ft, 200 + i))
+    tasks = [Task(f"mc{i}", choice_examples(6, 3, seed=i), kind="multiple_choice", batch_size=4) for i in range(m)]
+    return base, fts, tasks
+
+
+def t5_zoo(m=2):
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2,
+                                relative_attention_num_buckets=8, pad_token_id=PAD, decoder_start_token_id=PAD)
+    torch.manual_seed(3)
+    base = transformers.T5ForConditionalGeneration(cfg).eval()
+    fts = []
+    for i in range(m):
+        ft = transformers.T5ForConditionalGeneration(cfg)
+        ft.load_state_dict(base.state_dict())
+        fts.append(_perturb(ft, 300 + i))
+    # label strings shared by the task (as the paper scores T5), given as token ids
+    tasks = [Task(f"s2s{i}", choice_examples(6, 2, seed=i, per_example=False), kind="multiple_choice",
+                  choices=[[5, 6, 1], [7, 1]], batch_size=4) for i in range(m)]
+    return base, fts, tasks

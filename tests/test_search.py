@@ -1,0 +1,265 @@
+"""pymerge.dfmerge / pymerge.search on tiny random BERT, GPT-2 and T5 with synthetic tasks."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import pymerge
+from pymerge.eval.tasks import Task, TaskError, fisher_batches
+from pymerge.fisher import estimate
+from pymerge.search import loop, optimizers
+from pymerge.search.api import REPORT_NAME, engine_config
+from pymerge.search.log import TrialLogError
+from pymerge.search.objective import DFMergeObjective, InsufficientMemoryError
+from tests.search_models import bert_zoo, gpt2_zoo, t5_zoo
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: thread hand-offs cost more than the maths (and the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = dict(n_init=2, n_iter=2, fisher_examples=3, progress=False)
+
+
+def _same_trials(a, b):
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in a]
+    return strip == [{k: v for k, v in r.items() if k != "seconds"} for r in b]
+
+
+@pytest.mark.parametrize("zoo", [bert_zoo, gpt2_zoo, t5_zoo])
+def test_end_to_end_merged_weights_equal_the_engine(zoo):
+    """The in-place working model at the best λ equals the merge engine's dfmerge with the same Fishers, bit for
+    bit; every task was scored and the trajectory has the paper's phases."""
+    import pymerge.search.api as dfm
+
+    base, fts, tasks = zoo()
+    seen = {}
+    real = dfm.DFMergeObjective
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen["obj"] = self
+
+    dfm.DFMergeObjective = Spy
+    try:
+        res = pymerge.dfmerge(base, fts, tasks, **FAST)
+    finally:
+        dfm.DFMergeObjective = real
+    obj = seen["obj"]
+    assert [t["phase"] for t in res.trials] == ["random", "random", "search", "search"]
+    assert all(0.0 <= v <= 1.0 for v in res.lambdas) and len(res.lambdas) == len(tasks)
+    assert set(res.validation) == {t.name for t in tasks}
+    assert res.objective == pytest.approx(sum(res.validation.values()) / len(tasks))
+    assert res.objective == max(t["objective"] for t in res.trials)
+    plain = pymerge.merge_state_dicts(engine_config(obj, base, fts, res.lambdas, 1e-8)).state_dict
+    for name, t in res.state_dict.items():
+        assert torch.equal(t, plain[name]), name
+    # the Fisher really is the one at θ_pre + λ_i τ_i: recompute it on a fresh copy of the fine-tuned model
+    i, lam = 0, res.lambdas[0]
+    import copy
+
+    point = copy.deepcopy(fts[0])
+    with torch.no_grad():
+        for n, p in point.named_parameters():
+            if n in obj.body_names:
+                j = obj.body_names.index(n)
+                p.copy_(pymerge.ops.weighted_sum([obj.finetuned[0][j], obj.pre[j]], [lam, 1 - lam]))
+            p.requires_grad_(n in obj.body_names)
+    ref = estimate(point, fisher_batches(point, tasks[0], 3), mode="exact", length_normalize=tasks[0].length_normalize)
+    for n in obj.body_names:
+        torch.testing.assert_close(res.fishers[i].tensors[n], ref.tensors[n], rtol=1e-5, atol=1e-10)
+
+
+def test_best_model_written_through_the_engine_loads_with_each_head(tmp_path):
+    from pymerge.io.heads import load_with_head
+
+    base, fts, tasks = bert_zoo()
+    res = pymerge.dfmerge(base, fts, tasks, out_dir=tmp_path / "out", **FAST)
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert report["best"]["lambdas"] == res.lambdas and report["test"] == res.test
+    assert len(report["trials"]) == 4
+    for i, task in enumerate(tasks):
+        model = load_with_head(tmp_path / "out", task.name)
+        got = pymerge.eval.tasks.evaluate(model, task, "test")
+        assert got == res.test[task.name]
+    with pytest.raises(FileExistsError):
+        pymerge.dfmerge(base, fts, tasks, out_dir=tmp_path / "out", **FAST)
+
+
+def test_same_seed_same_trajectory_and_other_seed_differs(tmp_path):
+    base, fts, tasks = bert_zoo()
+    runs = [pymerge.dfmerge(base, fts, tasks, seed=s, log=tmp_path / f"{k}.jsonl", **FAST).trials
+            for k, s in enumerate((7, 7, 8))]
+    assert _same_trials(runs[0], runs[1])
+    assert [r["lambdas"] for r in runs[0]] != [r["lambdas"] for r in runs[2]]
+    logged = [json.loads(line) for line in (tmp_path / "0.jsonl").read_text().splitlines()]
+    assert "header" in logged[0] and _same_trials(logged[1:], runs[0])
+    assert set(logged[1]["seconds"]) == {"fisher", "combine", "evaluate"}
+
+
+@pytest.mark.parametrize("optimizer", ["gp-ucb", "TwoPointsDE"])
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, optimizer):
+    """Killed at a random evaluation (an exception mid-evaluation, plus a half-written last line as kill -9
+    leaves it): the resumed run does not repeat finished evaluations and gives the same λ and metrics."""
+    base, fts, tasks = bert_zoo()
+    settings = dict(FAST, n_iter=3, optimizer=optimizer, seed=3)
+    full = pymerge.dfmerge(base, fts, tasks, log=tmp_path / "full.jsonl", **settings)
+    crash_at = random.Random(optimizer).randrange(1, 5)
+    calls = {"n": 0}
+    real = DFMergeObjective.__call__
+
+    def flaky(self, lambdas):
+        calls["n"] += 1
+        if calls["n"] == crash_at + 1:
+            raise KeyboardInterrupt("killed")
+        return real(self, lambdas)
+
+    monkeypatch.setattr(DFMergeObjective, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pymerge.dfmerge(base, fts, tasks, log=tmp_path / "run.jsonl", **settings)
+    with open(tmp_path / "run.jsonl", "ab") as f:
+        f.write(b'{"trial": 99, "lambdas": [0.1')  # a write cut off by kill -9
+    monkeypatch.setattr(DFMergeObjective, "__call__", real)
+    evaluated = {"n": 0}
+
+    def counting(self, lambdas):
+        evaluated["n"] += 1
+        return real(self, lambdas)
+
+    monkeypatch.setattr(DFMergeObjective, "__call__", counting)
+    with pytest.raises(FileExistsError, match="resume"):
+        pymerge.dfmerge(base, fts, tasks, log=tmp_path / "run.jsonl", **settings)
+    resumed = pymerge.dfmerge(base, fts, tasks, log=tmp_path / "run.jsonl", resume=True, **settings)
+    assert evaluated["n"] == 5 - crash_at
+    assert _same_trials(resumed.trials, full.trials)
+    assert resumed.lambdas == full.lambdas and resumed.validation == full.validation and resumed.test == full.test
+    with pytest.raises(TrialLogError, match="other settings"):
+        pymerge.dfmerge(base, fts, tasks, log=tmp_path / "run.jsonl", resume=True, **dict(settings, seed=4))
+
+
+def test_ablation_without_fisher_equals_general_task_arithmetic():
+    base, fts, tasks = bert_zoo()
+    res = pymerge.dfmerge(base, fts, tasks, use_fisher=False, **FAST)
+    assert res.method == "general_task_arithmetic" and res.fishers == []
+    plain = pymerge.merge_state_dicts({
+        "merge_method": "general_task_arithmetic", "base_model": base,
+        "models": [{"model": m, "name": t.name, "parameters": {"lambda": lam}}
+                   for m, t, lam in zip(fts, tasks, res.lambdas)]}).state_dict
+    for name, t in res.state_dict.items():
+        assert torch.equal(t, plain[name]), name
+
+
+def test_ablation_without_search_equals_fisher_merging():
+    """λ_i = 1/M with Fishers at the fine-tuned models θ_i: the Fishers equal `estimate` on the fine-tuned models
+    themselves, the weights equal the dfmerge method with λ = 1/M exactly and Fisher merging (eq. 4, fallback
+    average) to float rounding (eq. 8 and eq. 4 are the same merge written differently)."""
+    base, fts, tasks = bert_zoo()
+    res = pymerge.dfmerge(base, fts, tasks, search=False, **FAST)
+    assert res.lambdas == [0.5, 0.5] and len(res.trials) == 1
+    fishers = []
+    for m, t in zip(fts, tasks):
+        for n, p in m.named_parameters():
+            p.requires_grad_(not n.startswith("classifier"))
+        fishers.append(estimate(m, fisher_batches(m, t, 3), mode="exact"))
+    for f, g in zip(fishers, res.fishers):
+        assert all(torch.equal(f.tensors[n], g.tensors[n]) for n in g.tensors)
+    models = [{"model": m, "name": t.name, "parameters": {"fisher": f}} for m, t, f in zip(fts, tasks, fishers)]
+    as_dfmerge = pymerge.merge_state_dicts({"merge_method": "dfmerge", "base_model": base, "parameters": {"lambda": 0.5},
+                                            "models": models}).state_dict
+    as_fisher = pymerge.merge_state_dicts({"merge_method": "fisher", "models": models,
+                                           "parameters": {"fallback": "average"}}).state_dict
+    for name, t in res.state_dict.items():
+        assert torch.equal(t, as_dfmerge[name]), name
+        torch.testing.assert_close(t, as_fisher[name], rtol=1e-5, atol=1e-6)
+
+
+def test_gp_reaches_the_optimum_of_a_smooth_function_in_fewer_evaluations_than_random():
+    def f(x):
+        return float(np.exp(-((x[0] - 0.3) ** 2 + (x[1] - 0.7) ** 2) / 0.05))
+
+    def evaluations_to_optimum(name, seed, budget=40):
+        opt = optimizers.make_optimizer(name, 2, budget=budget, seed=seed,
+                                        options={"n_init": 5, "candidates": 512, "restarts": 2}
+                                        if name.startswith("gp") else None)
+        for k in range(budget):
+            cand = opt.ask()
+            y = f(optimizers.values(cand))
+            opt.tell(cand, -y)
+            if y >= 0.97:
+                return k + 1
+        return budget + 1
+
+    seeds = range(3)
+    mean = {n: np.mean([evaluations_to_optimum(n, s) for s in seeds]) for n in ("gp-ei", "gp-ucb", "random")}
+    assert mean["gp-ei"] < mean["random"] and mean["gp-ucb"] < mean["random"], mean
+
+
+def test_any_nevergrad_optimizer_and_grid_by_name():
+    base, fts, tasks = bert_zoo()
+    for name in ("NGOpt", "RandomSearch"):
+        res = pymerge.dfmerge(base, fts, tasks, optimizer=name, **dict(FAST, n_iter=1))
+        assert len(res.trials) == 3
+    # the grid walks a regular lattice in order: 2 steps per coordinate over [0.2, 0.6]
+    opt = optimizers.make_optimizer("grid", 2, lo=0.2, hi=0.6, budget=4, options={"steps": 2})
+    pts = []
+    for _ in range(4):
+        c = opt.ask()
+        pts.append(optimizers.values(c))
+        opt.tell(c, 0.0)
+    assert pts == [[0.2, 0.2], [0.2, 0.6], [0.6, 0.2], [0.6, 0.6]]
+    with pytest.raises(ValueError, match="unknown 'bogus'"):
+        optimizers.make_optimizer("bogus", 2)
+
+
+def test_patience_and_user_objective():
+    base, fts, tasks = bert_zoo()
+    res = pymerge.dfmerge(base, fts, tasks, patience=1, objective=lambda m: -abs(m["t0"] - 0.5),
+                          **dict(FAST, n_iter=10))
+    first_best = max(range(len(res.trials)), key=lambda k: (res.trials[k]["objective"], -k))
+    assert len(res.trials) < 12 and len(res.trials) <= max(first_best + 2, 2)
+    assert res.objective == -abs(res.validation["t0"] - 0.5)
+
+
+@pytest.mark.slow  # two spawned processes import torch + transformers
+def test_workers_evaluate_a_batch_in_processes_like_one_process(tmp_path):
+    """workers=2: two spawned processes, each with its own working model, give the trajectory that the same
+    batched ask / tell gives evaluated in this process."""
+    from concurrent.futures import Future
+
+    class Inline:
+        def submit(self, fn, *args):
+            fut = Future()
+            fut.set_result(fn(*args))
+            return fut
+
+    base, fts, tasks = bert_zoo()
+    obj = DFMergeObjective(base, fts, tasks, fisher_examples=3)
+    inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=Inline(), progress=False, seed=5)
+    res = pymerge.dfmerge(base, fts, tasks, workers=2, seed=5, log=tmp_path / "w.jsonl", **FAST)
+    assert _same_trials(res.trials, inline)
+
+
+def test_bad_inputs_are_refused_before_any_work(tmp_path):
+    base, fts, tasks = bert_zoo()
+    with pytest.raises(InsufficientMemoryError, match=r"needs about .* GiB .* only 0.00 GiB"):
+        pymerge.dfmerge(base, fts, tasks, memory_limit=1000, **FAST)
+    with pytest.raises(ValueError, match="expected 2 tasks"):
+        pymerge.dfmerge(base, fts, tasks[:1], **FAST)
+    wrong = Task("t1", [{"input_ids": [3, 4], "label": 2}] * 3)  # model 1 has a 2-class head
+    with pytest.raises(TaskError, match="label 2 out of range for a head with 2 outputs"):
+        pymerge.dfmerge(base, fts, [tasks[0], wrong], **FAST)
+    mc = Task("mc", [{"input_ids": [3], "choices": [[1], [2]], "label": 0}], kind="multiple_choice")
+    with pytest.raises(TaskError, match="language-model head"):
+        pymerge.dfmerge(base, fts, [tasks[0], mc], **FAST)
+    with pytest.raises(ValueError, match="names must be unique"):
+        pymerge.dfmerge(base, fts, [tasks[0], tasks[0]], **FAST)
+    (tmp_path / "log.jsonl").write_text('{"header": {}}\nnot json\n{"trial": 1}\n')
+    with pytest.raises(TrialLogError, match="log.jsonl:2: not valid JSON"):
+        pymerge.dfmerge(base, fts, tasks, log=tmp_path / "log.jsonl", resume=True, **FAST)
