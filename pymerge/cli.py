@@ -49,7 +49,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 INPUT_ARGS = {"model": "model", "models": "model", "base": "base model", "data": "--data file",
               "config": "config file"}
 MODEL_ARGS = ("model", "models", "base")
-OUTPUT_ARGS = ("output", "out", "out_option")
+OUTPUT_ARGS = ("output", "out", "out_option", "log")
 
 
 def check_paths(args) -> None:

@@ -706,3 +706,44 @@ def test_outputs_never_touch_inputs_reached_through_lora_slices_or_tokenizer_sou
     for name, (cfg, _, _) in cases.items():
         rc, _, err = run_cli(capsys, ["merge", cfg, "-o", tmp_path / f"ok-{name}", "--no-progress"])
         assert rc == 0, (name, err)
+
+
+# --------------------------------------------------------------------------------------------------
+# search: the same refusals before any work
+# --------------------------------------------------------------------------------------------------
+def test_malformed_inputs_of_search(zoo, tmp_path, capsys):
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": f"w{i} w3", "label": i % 2}) + "\n" for i in range(4)))
+
+    def search_yaml(name, model=None, validation=None, extra=""):
+        path = tmp_path / name
+        path.write_text(f"base_model: {zoo['bert_base']}\nmodels:\n"
+                        f"  - {{model: {model or zoo['sst']}, name: sst, parameters: {{validation: {validation or val}}}}}\n"
+                        f"  - {{model: {zoo['rte']}, name: rte, parameters: {{validation: {val}}}}}\n"
+                        f"parameters: {{n_init: 1, n_iter: 0, fisher_examples: 2}}\n{extra}")
+        return path
+
+    inputs = [zoo["root"], val]
+    out = tmp_path / "out"
+    good = search_yaml("good.yml")
+    # outputs (OUT and its trial log) never an input, checked before any work
+    for argv, what in (([good, "-o", zoo["sst"], "--force"], "is the model sst"),
+                       ([good, "-o", zoo["sst"] / "merged"], "lies inside the model sst"),
+                       ([good, "-o", out, "--log", val, "--force"], "is the validation file of sst"),
+                       ([good, "-o", out, "--log", good], "is the config file")):
+        check_failure(capsys, ["search", *argv, "--no-progress"], [what], inputs=inputs + [good], code=1)
+        assert leftovers(out) == [] and not out.exists()
+    bad = _bad_models(tmp_path / "bad", zoo)
+    cases = {"config_int": (search_yaml("m1.yml", model=bad["config_int"][0]), bad["config_int"][1]),
+             "missing_model": (search_yaml("m2.yml", model=bad["missing"][0]), [str(bad["missing"][0])]),
+             "missing_validation": (search_yaml("m3.yml", validation=tmp_path / "nope.jsonl"),
+                                    [str(tmp_path / "nope.jsonl"), "not found"]),
+             "duplicate_key": (search_yaml("m4.yml", extra="base_model: x\n"), ["twice"])}
+    for name, (path, stem) in _yaml_cases(tmp_path / "cfgs", zoo).items():
+        if name in ("bomb.yml", "recursive.yml", "deep.yml", "python_tag.yml", "binary.yml", "too_big.yml",
+                    "huge_key.yml", "missing.yml", "directory"):
+            cases[name] = (path, [str(path), stem if name != "huge_key.yml" else "unknown key"])
+    for name, (cfg, culprits) in cases.items():
+        check_failure(capsys, ["search", cfg, "-o", out, "--no-progress"], culprits,
+                      inputs=inputs + [tmp_path / "bad", tmp_path / "cfgs"], out=out)
+        assert not (tmp_path / "out.trials.jsonl").exists()
