@@ -210,6 +210,15 @@ def test_fingerprints_from_headers_equal_the_stores(zoo):
         assert fp.has_weights(store.weights_fingerprint(state)) and not fp.has_weights("0" * 16)
     other = CheckpointDir(zoo["rte"])
     assert ModelFingerprints(other).weights(other.keys()) != store.weights_fingerprint(em.load_dir(zoo["sst"]))
+    # an in-memory module: its state dict repeats tied weights (GPT-2's lm_head), named_parameters does not
+    from transformers import GPT2LMHeadModel
+
+    from pymerge.io.reader import StateDictSource
+
+    model = GPT2LMHeadModel(em.gpt2_config())
+    assert "lm_head.weight" in model.state_dict() and "lm_head.weight" not in dict(model.named_parameters())
+    fp = ModelFingerprints(StateDictSource(model))
+    assert fp.has_structure(store.structure_fingerprint(model)) and fp.has_weights(store.weights_fingerprint(model))
 
 
 # --------------------------------------------------------------------------------------------------

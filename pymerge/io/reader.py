@@ -78,9 +78,12 @@ class StateDictSource(TensorSource):
 
     def __init__(self, obj, label: str = "<state dict>", config: Optional[dict] = None,
                  metadata: Optional[Mapping[str, str]] = None):
+        self.parameter_names: Optional[List[str]] = None
         if isinstance(obj, torch.nn.Module):
             if config is None and getattr(obj, "config", None) is not None and hasattr(obj.config, "to_dict"):
                 config = obj.config.to_dict()
+            # its parameters once each (tied weights under their first name), as statistics fingerprint them
+            self.parameter_names = [n for n, _ in obj.named_parameters()]
             obj = obj.state_dict()
         if not isinstance(obj, Mapping):
             raise TypeError(f"{label}: expected a path, nn.Module or state dict, got {type(obj).__name__}")
