@@ -2,6 +2,7 @@
 import json
 import random
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -241,7 +242,14 @@ def test_workers_evaluate_a_batch_in_processes_like_one_process(tmp_path):
 
     base, fts, tasks = bert_zoo()
     obj = DFMergeObjective(base, fts, tasks, fisher_examples=3)
-    inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=Inline(), progress=False, seed=5)
+    # each worker runs with cpu_count // workers threads; floating-point sums depend on the thread count, so the
+    # in-process reference uses the same (else a metric may flip at a decision boundary)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=Inline(), progress=False, seed=5)
+    finally:
+        torch.set_num_threads(threads)
     res = pymerge.dfmerge(base, fts, tasks, workers=2, seed=5, log=tmp_path / "w.jsonl", **FAST)
     assert _same_trials(res.trials, inline)
 

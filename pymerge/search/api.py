@@ -115,6 +115,9 @@ def engine_config(obj: DFMergeObjective, pretrained, finetuned, lambdas, eps: fl
            "models": models, "heads": "keep"}
     if obj.use_fisher:
         cfg["parameters"] = {"eps": eps}
+        # these Fishers were just estimated on the working model (body of θ_pre + λ_i τ_i, the head of the task
+        # swapped in), so their pairing with the models is known; their fingerprints describe the working model
+        cfg["allow_foreign_stats"] = True
     return cfg
 
 
