@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("merge", "inspect", "fisher", "stats", "demo", "search")
+COMMANDS = ("merge", "inspect", "fisher", "stats", "demo", "search", "plot")
 
 EPILOG = "Run `pymerge COMMAND --help` for a command's options. Documentation: README.md of the project."
 

