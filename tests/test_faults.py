@@ -756,3 +756,15 @@ def test_malformed_inputs_of_search(zoo, tmp_path, capsys):
         check_failure(capsys, ["search", cfg, "-o", out, "--no-progress"], culprits,
                       inputs=inputs + [tmp_path / "bad", tmp_path / "cfgs"], out=out)
         assert not (tmp_path / "out.trials.jsonl").exists()
+
+
+def test_plot_never_writes_over_its_input(tmp_path, capsys):
+    log = tmp_path / "trials.jsonl"
+    log.write_text("".join(json.dumps({"trial": k, "lambdas": [0.1 * k, 0.2], "metrics": {"a": 0.5}, "objective": 0.5,
+                                       "phase": "random", "seconds": {"fisher": 0, "combine": 0, "evaluate": 0}})
+                           + "\n" for k in range(3)))
+    for force in ([], ["--force"]):
+        check_failure(capsys, ["plot", "trajectory", log, "-o", log, *force], ["is the trial log", str(log)],
+                      inputs=[log], code=1)
+    rc, _, err = run_cli(capsys, ["plot", "trajectory", log, "-o", tmp_path / "t.png"])
+    assert rc == 0 and (tmp_path / "t.png").stat().st_size > 0, err
