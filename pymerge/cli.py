@@ -50,6 +50,11 @@ INPUT_ARGS = {"model": "model", "models": "model", "base": "base model", "data":
               "config": "config file"}
 MODEL_ARGS = ("model", "models", "base")
 OUTPUT_ARGS = ("output", "out", "out_option")
+# Where a command's argument names mean something else than the defaults above.
+COMMAND_PATH_ARGS = {
+    "search": {"outputs": ("out", "log")},  # --log: the trial log it writes
+    "plot": {"inputs": {"log": "trial log", "source": "landscape source"}, "outputs": ("out", "save_grid")},
+}
 
 
 def check_paths(args) -> None:
@@ -58,8 +63,10 @@ def check_paths(args) -> None:
         values = value if isinstance(value, list) else [value]
         return [v for v in values if isinstance(v, str) and v]
 
-    outputs = [v for dest in OUTPUT_ARGS for v in given(dest)]
-    inputs = [(INPUT_ARGS[dest], v) for dest in INPUT_ARGS for v in given(dest)]
+    roles = COMMAND_PATH_ARGS.get(getattr(args, "command", None), {})
+    input_args = {**INPUT_ARGS, **roles.get("inputs", {})}
+    outputs = [v for dest in roles.get("outputs", OUTPUT_ARGS) for v in given(dest)]
+    inputs = [(input_args[dest], v) for dest in input_args for v in given(dest)]
     if outputs and inputs:
         from pymerge.io.writer import check_not_input
 

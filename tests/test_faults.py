@@ -85,8 +85,8 @@ def check_failure(capsys, argv, culprits, *, inputs, out=None, code=None):
     if code is not None:
         assert rc == code, (rc, err)
     assert "Traceback" not in err and "Traceback" not in stdout, err
-    error_lines = [line for line in err.splitlines() if "error" in line]
-    assert len(error_lines) == 1, err  # one line
+    message_lines = [line for line in err.splitlines() if line.startswith(f"pymerge {argv[0]}: ")]
+    assert len(message_lines) == 1, err  # one line
     assert len(err) < 3000, f"error output of {len(err)} characters"
     for c in [culprits] if isinstance(culprits, str) else culprits:
         assert str(c) in err, f"{c!r} not named in: {err}"
@@ -210,6 +210,15 @@ def test_fingerprints_from_headers_equal_the_stores(zoo):
         assert fp.has_weights(store.weights_fingerprint(state)) and not fp.has_weights("0" * 16)
     other = CheckpointDir(zoo["rte"])
     assert ModelFingerprints(other).weights(other.keys()) != store.weights_fingerprint(em.load_dir(zoo["sst"]))
+    # an in-memory module: its state dict repeats tied weights (GPT-2's lm_head), named_parameters does not
+    from transformers import GPT2LMHeadModel
+
+    from pymerge.io.reader import StateDictSource
+
+    model = GPT2LMHeadModel(em.gpt2_config())
+    assert "lm_head.weight" in model.state_dict() and "lm_head.weight" not in dict(model.named_parameters())
+    fp = ModelFingerprints(StateDictSource(model))
+    assert fp.has_structure(store.structure_fingerprint(model)) and fp.has_weights(store.weights_fingerprint(model))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,13 +275,19 @@ def test_malformed_models_in_merge_and_inspect(zoo, tmp_path, capsys):
         check_failure(capsys, ["inspect", zoo["sst"], "--base", model], culprits, inputs=inputs)
 
 
-def test_malformed_inputs_of_fisher(zoo, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["fisher", "stats"])
+def test_malformed_inputs_of_fisher_and_stats(zoo, tmp_path, capsys, command):
     bad = _bad_models(tmp_path / "bad", zoo)
     inputs = [zoo["root"], tmp_path / "bad"]
     out = tmp_path / "f.safetensors"
+    kind = ["--kind", "gram"] if command == "stats" else []
+
+    def argv(model, data, output, *more):
+        return [command, model, "--data", data, "-o", output, "--device", "cpu", *kind, *more]
+
     for name in ("config_int", "config_list", "pickle_only", "empty", "missing"):
         model, culprits = bad[name]
-        check_failure(capsys, ["fisher", model, "--data", zoo["data"], "-o", out, "--device", "cpu"],
+        check_failure(capsys, argv(model, zoo["data"], out),
                       [str(model)] + (["JSON object"] if name.startswith("config") else []), inputs=inputs, out=out)
     data = tmp_path / "data"
     data.mkdir()
@@ -285,17 +300,51 @@ def test_malformed_inputs_of_fisher(zoo, tmp_path, capsys):
              (data / "not_object.jsonl", "JSON object"), (data / "no_text.jsonl", "'text'"),
              (data / "unknown.txt", ".jsonl or .csv"), (data / "empty.jsonl", "no examples")]
     for path, culprit in cases:
-        check_failure(capsys, ["fisher", zoo["sst"], "--data", path, "-o", out, "--device", "cpu"],
-                      [culprit], inputs=inputs + [data], out=out)
+        check_failure(capsys, argv(zoo["sst"], path, out), [culprit], inputs=inputs + [data], out=out)
     # the output may not be an input, nor lie inside one
     for target, what in ((zoo["sst"] / "model.safetensors", "lies inside the model"),
                          (zoo["data"], "is the --data file")):
-        check_failure(capsys, ["fisher", zoo["sst"], "--data", zoo["data"], "-o", target, "--force",
-                               "--device", "cpu"], [what], inputs=inputs, code=1)
+        check_failure(capsys, argv(zoo["sst"], zoo["data"], target, "--force"), [what], inputs=inputs, code=1)
+    # an existing output is kept without --force
+    out.write_bytes(b"keep me")
+    check_failure(capsys, argv(zoo["sst"], zoo["data"], out), ["--force"], inputs=inputs, out=out)
+    out.unlink()
     # usage errors: exit status 2
-    check_failure(capsys, ["fisher", zoo["sst"], "-o", out], "--data", inputs=inputs, out=out, code=2)
-    check_failure(capsys, ["fisher", zoo["sst"], "--data", zoo["data"], "-o", out, "--mode", "bogus"], "--mode",
-                  inputs=inputs, out=out, code=2)
+    check_failure(capsys, [command, zoo["sst"], "-o", out], "--data", inputs=inputs, out=out, code=2)
+    if command == "fisher":
+        check_failure(capsys, argv(zoo["sst"], zoo["data"], out, "--mode", "bogus"), "--mode", inputs=inputs,
+                      out=out, code=2)
+    else:
+        check_failure(capsys, [command, zoo["sst"], "--data", zoo["data"], "-o", out, "--kind", "bogus"], "bogus",
+                      inputs=inputs, out=out)
+
+
+def test_gram_statistics_of_another_model_or_kind_are_refused(zoo, tmp_path, capsys):
+    grams = {}
+    for name in ("sst", "rte"):
+        grams[name] = zoo["root"].parent / f"{zoo['root'].name}-{name}.gram.safetensors"
+        if not grams[name].exists():
+            assert main(["stats", str(zoo[name]), "--data", str(zoo["data"]), "-o", str(grams[name]), "--kind", "gram",
+                         "--device", "cpu"]) == 0
+    capsys.readouterr()
+    sst, rte, out = zoo["sst"], zoo["rte"], tmp_path / "out"
+    inputs = [zoo["root"], *grams.values()]
+
+    def cfg(name, a, b, method="regmean"):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(f"merge_method: {method}\nmodels:\n  - {{model: {sst}, parameters: {{stats: {a}}}}}\n"
+                        f"  - {{model: {rte}, parameters: {{stats: {b}}}}}\n")
+        return path
+
+    assert run_cli(capsys, ["merge", cfg("good", grams["sst"], grams["rte"]), "-o", out, "--no-progress"])[0] == 0
+    shutil.rmtree(out)
+    check_failure(capsys, ["merge", cfg("swapped", grams["rte"], grams["sst"]), "-o", out, "--no-progress"],
+                  ["other weights than model sst", str(grams["rte"]), "matches model rte"], inputs=inputs, out=out)
+    check_failure(capsys, ["merge", cfg("fisher_for_gram", zoo["sst_real_fisher"], zoo["rte_real_fisher"]), "-o", out,
+                           "--no-progress"], [str(zoo["sst_real_fisher"]), "gram"], inputs=inputs, out=out)
+    check_failure(capsys, ["merge", merge_yaml(tmp_path / "g.yml", [(sst, None, grams["sst"]), (rte, None, grams["rte"])]),
+                           "-o", out, "--no-progress"], [str(grams["sst"]), "is a gram statistics file"],
+                  inputs=inputs, out=out)
 
 
 def _yaml_cases(d: Path, zoo):
@@ -518,8 +567,7 @@ def test_killed_merges_leave_nothing_behind(zoo, tmp_path, capsys):
 
     # when: "any" = a random time after start (planning, writing or done); "writing" = a random time after the
     # temporary directory appeared (the writing phase lasts ~0.5 s here)
-    trials = [(signal.SIGTERM, False, "any"), (signal.SIGKILL, False, "writing"),
-              (signal.SIGTERM, True, "writing"), (signal.SIGKILL, True, "writing")]
+    trials = [(signal.SIGTERM, False, "any"), (signal.SIGKILL, True, "writing"), (signal.SIGTERM, True, "writing")]
     for trial, (sig, force, when) in enumerate(trials):
         out = tmp_path / f"out{trial}"
         if force:  # an existing output being replaced must survive any kill
@@ -530,6 +578,9 @@ def test_killed_merges_leave_nothing_behind(zoo, tmp_path, capsys):
             while not leftovers(out) and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.3))
+            if sig == signal.SIGKILL and p.poll() is None:  # a live writer's directory is never removed
+                live = leftovers(out)
+                assert writer.remove_stale(out) == [] and leftovers(out) == live
         else:
             time.sleep(rng.uniform(0.0, 1.0))
         p.send_signal(sig)
@@ -558,22 +609,162 @@ def test_killed_merges_leave_nothing_behind(zoo, tmp_path, capsys):
         assert snapshot(zoo["root"], cfg) == inputs
 
 
-def test_a_live_writers_directory_is_never_removed(zoo, tmp_path, capsys):
-    cfg = _fisher_cfg(tmp_path, zoo)
-    out = tmp_path / "out"
-    script = tmp_path / "slow_merge.py"
-    script.write_text(SLOW_MERGE.format(root=str(ROOT)).replace("0.01", "0.2"))
-    p = subprocess.Popen([sys.executable, str(script), "merge", str(cfg), "-o", str(out), "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+# --------------------------------------------------------------------------------------------------
+# one atomic file (statistics files written by `pymerge fisher` / `pymerge stats` / pymerge.stats.save)
+# --------------------------------------------------------------------------------------------------
+SLOW_FILE = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from pymerge.io.writer import atomic_file
+    with atomic_file(sys.argv[1]) as tmp:
+        tmp.write_bytes(b"partial")
+        print("ready", flush=True)
+        time.sleep(60)
+""")
+
+
+def _stats_for_file():
+    from pymerge.stats import store
+
+    t = {"w": torch.ones(3, 2)}
+    return store.Statistics(t, {"pymerge_stats": "1", "kind": "fisher", "pymerge_fisher": "1", "mode": "exact",
+                                "num_examples": "1", "structure": store.structure_fingerprint(t),
+                                "weights": store.weights_fingerprint(t)})
+
+
+def test_statistics_files_are_atomic_and_cleaned_after_kills(tmp_path, monkeypatch):
+    from pymerge.stats import store
+
+    target = tmp_path / "a.stats.safetensors"
+    script = tmp_path / "slow_file.py"
+    script.write_text(SLOW_FILE.format(root=str(ROOT)))
+
+    def beside(t=target):
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{t.name}."))
+
+    # two writers at once (each start costs a torch import): one gets SIGTERM, the other SIGKILL
+    termed = tmp_path / "b.stats.safetensors"
+    procs = {sig: subprocess.Popen([sys.executable, str(script), str(t)], stdout=subprocess.PIPE, text=True,
+                                   stderr=subprocess.DEVNULL)
+             for sig, t in ((signal.SIGTERM, termed), (signal.SIGKILL, target))}
+    for sig, p in procs.items():
+        assert p.stdout.readline().strip() == "ready"
+    assert len(beside()) == 1 and len(beside(termed)) == 1
+    assert writer.remove_stale_files(target) == [] and len(beside()) == 1  # its writer lives: kept
+    for sig, p in procs.items():
+        p.send_signal(sig)
+        p.wait(timeout=60)
+    assert not target.exists() and not termed.exists()
+    assert beside(termed) == []  # SIGTERM: cleaned on the way out
+    assert len(beside()) == 1  # SIGKILL: left for the next write
+    store.save(target, _stats_for_file())  # the next write removes what the SIGKILL left
+    assert beside() == [] and store.load(target).tensors["w"].shape == (3, 2)
+    old = os.umask(0o027)
     try:
-        deadline = time.monotonic() + 60
-        while not leftovers(out) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        (tmp,) = leftovers(out)
-        assert writer.remove_stale(out) == [] and (tmp_path / tmp).exists()
-        rc, _, err = run_cli(capsys, ["merge", cfg, "-o", tmp_path / "other", "--no-progress"])
-        assert rc == 0 and (tmp_path / tmp).exists()
+        store.save(target, _stats_for_file(), overwrite=True)
     finally:
-        p.kill()
-        p.wait()
-    assert [d.name for d in writer.remove_stale(out)] == [tmp] and leftovers(out) == []
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o640
+    # disk full while writing: named, nothing partial, the existing file kept
+    before = target.read_bytes()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=f"no space left on device while writing {target}: the file needs 24 bytes"):
+        store.save(target, _stats_for_file(), overwrite=True)
+    assert target.read_bytes() == before and beside() == []
+
+
+def test_outputs_never_touch_inputs_reached_through_lora_slices_or_tokenizer_source(zoo, tmp_path, capsys):
+    """The inputs come from the opened sources (each knows the paths it reads), not from a list of config keys."""
+    sst, rte, base = zoo["sst"], zoo["rte"], zoo["bert_base"]
+    inputs = [zoo["root"]]
+    cases = {}
+    slices = tmp_path / "slices.yml"
+    slices.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {sst}\n"
+                      f"        layer_range: [0, 1]\n  - sources:\n      - model: {rte}\n"
+                      "        layer_range: [1, 2]\n")
+    cases["slices"] = (slices, rte / "out", "lies inside the model")
+    tok = tmp_path / "tok.yml"
+    tok.write_text(f"merge_method: average\nmodels: [{sst}, {rte}]\ntokenizer_source: {zoo['topic']}\n")
+    cases["tokenizer_source"] = (tok, zoo["topic"], "is the tokenizer_source")
+    try:
+        import peft
+
+        from transformers import AutoModel
+
+        lora = peft.get_peft_model(AutoModel.from_pretrained(str(base)),
+                                   peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+        adapter = tmp_path / "adapter"
+        lora.save_pretrained(str(adapter))
+        inputs.append(adapter)
+        cfg = tmp_path / "lora.yml"
+        cfg.write_text(f"merge_method: average\nmodels: [{base}+{adapter}, {base}]\n")
+        cases["lora"] = (cfg, adapter / "merged", "lies inside the model")
+    except ImportError:  # peft is optional
+        pass
+    for name, (cfg, out, what) in cases.items():
+        for force in ([], ["--force"]):
+            check_failure(capsys, ["merge", cfg, "-o", out, "--no-progress", *force], [what, str(out)],
+                          inputs=inputs + [cfg], code=1)
+    # the same configs into a separate directory merge
+    for name, (cfg, _, _) in cases.items():
+        rc, _, err = run_cli(capsys, ["merge", cfg, "-o", tmp_path / f"ok-{name}", "--no-progress"])
+        assert rc == 0, (name, err)
+
+
+# --------------------------------------------------------------------------------------------------
+# search: the same refusals before any work
+# --------------------------------------------------------------------------------------------------
+def test_malformed_inputs_of_search(zoo, tmp_path, capsys):
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": f"w{i} w3", "label": i % 2}) + "\n" for i in range(4)))
+
+    def search_yaml(name, model=None, validation=None, extra=""):
+        path = tmp_path / name
+        path.write_text(f"base_model: {zoo['bert_base']}\nmodels:\n"
+                        f"  - {{model: {model or zoo['sst']}, name: sst, parameters: {{validation: {validation or val}}}}}\n"
+                        f"  - {{model: {zoo['rte']}, name: rte, parameters: {{validation: {val}}}}}\n"
+                        f"parameters: {{n_init: 1, n_iter: 0, fisher_examples: 2}}\n{extra}")
+        return path
+
+    inputs = [zoo["root"], val]
+    out = tmp_path / "out"
+    good = search_yaml("good.yml")
+    # outputs (OUT and its trial log) never an input, checked before any work
+    for argv, what in (([good, "-o", zoo["sst"], "--force"], "is the model sst"),
+                       ([good, "-o", zoo["sst"] / "merged"], "lies inside the model sst"),
+                       ([good, "-o", out, "--log", val, "--force"], "is the validation file of sst"),
+                       ([good, "-o", out, "--log", good], "is the config file")):
+        check_failure(capsys, ["search", *argv, "--no-progress"], [what], inputs=inputs + [good], code=1)
+        assert leftovers(out) == [] and not out.exists()
+    bad = _bad_models(tmp_path / "bad", zoo)
+    cases = {"config_int": (search_yaml("m1.yml", model=bad["config_int"][0]), bad["config_int"][1]),
+             "missing_model": (search_yaml("m2.yml", model=bad["missing"][0]), [str(bad["missing"][0])]),
+             "missing_validation": (search_yaml("m3.yml", validation=tmp_path / "nope.jsonl"),
+                                    [str(tmp_path / "nope.jsonl"), "not found"]),
+             "duplicate_key": (search_yaml("m4.yml", extra="base_model: x\n"), ["twice"])}
+    for name, (path, stem) in _yaml_cases(tmp_path / "cfgs", zoo).items():
+        if name in ("bomb.yml", "recursive.yml", "deep.yml", "python_tag.yml", "binary.yml", "too_big.yml",
+                    "huge_key.yml", "missing.yml", "directory"):
+            cases[name] = (path, [str(path), stem if name != "huge_key.yml" else "unknown key"])
+    for name, (cfg, culprits) in cases.items():
+        check_failure(capsys, ["search", cfg, "-o", out, "--no-progress"], culprits,
+                      inputs=inputs + [tmp_path / "bad", tmp_path / "cfgs"], out=out)
+        assert not (tmp_path / "out.trials.jsonl").exists()
+
+
+def test_plot_never_writes_over_its_input(tmp_path, capsys):
+    log = tmp_path / "trials.jsonl"
+    log.write_text("".join(json.dumps({"trial": k, "lambdas": [0.1 * k, 0.2], "metrics": {"a": 0.5}, "objective": 0.5,
+                                       "phase": "random", "seconds": {"fisher": 0, "combine": 0, "evaluate": 0}})
+                           + "\n" for k in range(3)))
+    for force in ([], ["--force"]):
+        check_failure(capsys, ["plot", "trajectory", log, "-o", log, *force], ["is the trial log", str(log)],
+                      inputs=[log], code=1)
+    rc, _, err = run_cli(capsys, ["plot", "trajectory", log, "-o", tmp_path / "t.png"])
+    assert rc == 0 and (tmp_path / "t.png").stat().st_size > 0, err

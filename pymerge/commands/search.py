@@ -45,9 +45,11 @@ def add_arguments(p) -> None:
 def _suggest(key, allowed, where):
     import difflib
 
-    close = difflib.get_close_matches(str(key), allowed, n=1)
+    from pymerge.errors import excerpt
+
+    close = difflib.get_close_matches(excerpt(key), allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{where}: unknown key {key!r}{hint}; expected one of {', '.join(allowed)}"
+    return f"{where}: unknown key {excerpt(key)}{hint}; expected one of {', '.join(allowed)}"
 
 
 def load_config(path):
@@ -55,15 +57,10 @@ def load_config(path):
     resolved relative to the YAML file."""
     from pathlib import Path
 
-    import yaml
+    from pymerge.config import load_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    doc = load_yaml(path)  # bounded: size, alias expansion, nesting, duplicate keys; short excerpts in errors
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a mapping with {', '.join(TOP_KEYS)}")
     for k in doc:
@@ -73,7 +70,9 @@ def load_config(path):
 
     def resolve(value, where):
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{path}: {where}: expected a path, got {value!r}")
+            from pymerge.errors import excerpt
+
+            raise ValueError(f"{path}: {where}: expected a path, got {excerpt(value)}")
         p = Path(value).expanduser()
         return p if p.is_absolute() else root / p
 
@@ -153,8 +152,13 @@ def build_tasks(entries):
 
     from pymerge.eval.tasks import Task
 
+    from pymerge.io.reader import read_model_config
+
     tasks = []
     for model, name, params in entries:
+        if not (model / "config.json").is_file():
+            raise FileNotFoundError(f"{model}: model {name}: not a Hugging Face model directory (no config.json)")
+        read_model_config(model)  # a clear error naming config.json before transformers reads it
         tok = transformers.AutoTokenizer.from_pretrained(model)
         if tok.pad_token is None and tok.eos_token is not None:
             tok.pad_token = tok.eos_token
@@ -178,12 +182,19 @@ def run(args) -> int:
     from pymerge.errors import UsageError
     from pymerge.io.writer import check_target
 
+    from pymerge.io.writer import check_not_input
+
     out = Path(args.out)
-    check_target(out, args.force)  # before any work
     log = Path(args.log) if args.log else out.parent / f"{out.name}.trials.jsonl"
+    base, entries, search = load_config(args.config)
+    inputs = [("config file", Path(args.config)), ("base model", base)] + [(f"model {n}", m) for m, n, _ in entries]
+    inputs += [(f"{k} file of {n}", p[k]) for _, n, p in entries for k in ("validation", "test", "fisher_data")
+               if p.get(k) is not None]
+    for target in (out, log):  # before any work: an output never is, holds or lies inside an input
+        check_not_input(target, inputs)
+    check_target(out, args.force)
     if log.exists() and not (args.resume or args.force):
         raise UsageError(f"trial log {log} exists: pass --resume to continue that search or --force to start again")
-    base, entries, search = load_config(args.config)
     tasks = build_tasks(entries)
     from pymerge.search.api import dfmerge
 

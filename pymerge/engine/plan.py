@@ -473,8 +473,21 @@ def input_paths(plan: MergePlan) -> List[Tuple[str, Path]]:
         value = cfg.global_values().get(p.name) if p.is_file and p.scope == "global" else None
         if isinstance(value, (str, os.PathLike)):
             found.append((f"{p.name} file", Path(value)))
+    if isinstance(getattr(cfg, "tokenizer_source", None), Path):  # a model directory (names stay strings)
+        found.append(("tokenizer_source", cfg.tokenizer_source))
     if getattr(cfg, "source", None) is not None:
         found.append(("config file", Path(cfg.source)))
+    # whatever the opened sources read (LoRA adapters, slices, wrapped models): the mechanism, not a list of keys
+    named = [(f"model {spec.name}", src) for spec, src in zip(cfg.models, plan.models)]
+    if plan.base is not None:
+        named.append(("base model", plan.base))
+    for param, sources in list(plan.aux.items()) + list(getattr(plan, "layer_stats", {}).items()):
+        named += [(f"{param} file of {spec.name}", src) for spec, src in zip(cfg.models, sources) if src is not None]
+    named += [(f"{param} file", src) for param, src in getattr(plan, "global_aux", {}).items()]
+    for what, src in named:
+        src = getattr(src, "source", src)  # layer statistics wrap a source
+        if hasattr(src, "input_paths"):
+            found += [(what, Path(p)) for p in src.input_paths()]
     return found
 
 

@@ -4,7 +4,8 @@ They reproduce `structure_fingerprint` / `weights_fingerprint` of the statistics
 which hash a model's named parameters when a Fisher or other statistics file is computed; a file stores both,
 and the merge checks them against the model the file is paired with. A checkpoint may hold a few tensors that
 are not parameters (persistent buffers, integer tensors), so the candidates are: every tensor, the floating
-point tensors, and the tensors the statistics file names. tests/test_faults.py checks the equality with the
+point tensors, and the tensors the statistics file names; for an in-memory module, its named parameters (tied
+weights once, as `named_parameters` lists them, while its state dict repeats them). tests/test_faults.py checks the equality with the
 store's functions on real models.
 """
 from __future__ import annotations
@@ -23,6 +24,9 @@ def name_sets(src: TensorSource, stats_keys: Optional[Sequence[str]] = None) -> 
     """The tensor sets a statistics file's fingerprints may have been computed over (see the module doc)."""
     every = list(src.keys())
     sets = [every, [k for k in every if src.dtype(k).is_floating_point]]
+    params = getattr(src, "parameter_names", None)  # an in-memory module: exactly what the store hashes
+    if params:
+        sets.insert(0, [k for k in params if k in src])
     if stats_keys:
         sets.append([k for k in stats_keys if k in src])
     out: List[List[str]] = []

@@ -12,6 +12,7 @@ layers (1 for a one-layer slice), 0 outside the layers, as mergekit's gradients 
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,6 +44,12 @@ class LayerStack(TensorSource):
         self._map: Optional[Dict[str, Tuple[TensorSource, str, float]]] = None
         self._config: Optional[dict] = None
         self._directory: Optional[Path] = None
+
+    def input_paths(self):
+        out = []
+        for m, _ in self.parts:
+            out += m.input_paths() if isinstance(m, TensorSource) else [Path(m)] if isinstance(m, (str, os.PathLike)) else []
+        return out
 
     # the mapping is built on first use (headers only)
     def _build(self):

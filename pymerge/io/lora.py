@@ -22,6 +22,9 @@ class LoraSource(TensorSource):
         self._base = CheckpointDir(self.base_path)
         self._tensors: Optional[Dict[str, torch.Tensor]] = None
 
+    def input_paths(self):
+        return [self.base_path, self.adapter_path]
+
     def __str__(self):
         return f"{self.base_path}+{self.adapter_path}"
 

@@ -42,6 +42,12 @@ class TensorSource:
         """The tensor (a fresh CPU tensor for files), or rows [start, stop) of its first dimension."""
         raise NotImplementedError
 
+    def input_paths(self) -> List[Path]:
+        """The files / directories this source reads (an output may never touch them); none in memory.
+        Wrappers delegate to the source they wrap (`inner`)."""
+        inner = getattr(self, "inner", None)
+        return inner.input_paths() if isinstance(inner, TensorSource) else []
+
     def read_elements(self, name: str, flat_indices) -> torch.Tensor:
         """Elements of the flattened tensor at `flat_indices` (sources on disk read only those bytes)."""
         return self.read(name).reshape(-1)[torch.as_tensor(list(flat_indices), dtype=torch.long)]
@@ -72,9 +78,12 @@ class StateDictSource(TensorSource):
 
     def __init__(self, obj, label: str = "<state dict>", config: Optional[dict] = None,
                  metadata: Optional[Mapping[str, str]] = None):
+        self.parameter_names: Optional[List[str]] = None
         if isinstance(obj, torch.nn.Module):
             if config is None and getattr(obj, "config", None) is not None and hasattr(obj.config, "to_dict"):
                 config = obj.config.to_dict()
+            # its parameters once each (tied weights under their first name), as statistics fingerprint them
+            self.parameter_names = [n for n, _ in obj.named_parameters()]
             obj = obj.state_dict()
         if not isinstance(obj, Mapping):
             raise TypeError(f"{label}: expected a path, nn.Module or state dict, got {type(obj).__name__}")
@@ -108,6 +117,7 @@ class CheckpointDir(TensorSource):
     def __init__(self, path: Union[str, os.PathLike], *, allow_pickle: bool = False):
         path = Path(path)
         self.label = str(path)
+        self.path = path
         if not path.exists():
             raise FileNotFoundError(f"{path}: model not found (expected a model directory or .safetensors file)")
         if path.is_file():
@@ -188,6 +198,9 @@ class CheckpointDir(TensorSource):
     def dtype(self, name):
         h = self._where[name]
         return h.dtype(name) if isinstance(h, SafetensorsFile) else h[name].dtype
+
+    def input_paths(self):
+        return [self.path]
 
     def read_elements(self, name, flat_indices):
         h = self._where[name]
@@ -271,6 +284,9 @@ def open_fisher(obj, *, label: Optional[str] = None) -> TensorSource:
     else:
         src = open_source(obj, label=label)
     if src.metadata.get("pymerge_fisher") is None:
+        kind = src.metadata.get("kind") if src.metadata.get("pymerge_stats") is not None else None
+        if kind:  # statistics of another kind (gram, kfac): say so rather than "not pymerge's"
+            raise CheckpointError(f"{src.label}: is a {kind} statistics file, not a per-parameter Fisher")
         raise CheckpointError(f"{src.label}: has no pymerge Fisher metadata (was it written by `pymerge fisher`?)")
     for name in src.keys():
         if src.dtype(name) != torch.float32:

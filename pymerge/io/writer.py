@@ -289,6 +289,79 @@ def _current_umask() -> int:
     return mask
 
 
+# --------------------------------------------------------------------------------------------------
+# one atomic file (statistics files): the same guarantees as the output directory
+# --------------------------------------------------------------------------------------------------
+def _short_hash(text: Optional[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256((text or "").encode()).hexdigest()[:8]
+
+
+def _file_owner_token() -> str:
+    """Who writes a temporary file, in its name (a file has no room for an owner record): host and boot (hashed),
+    PID and the PID's start time."""
+    stat = _proc_stat(os.getpid())
+    return f"{_short_hash(socket.gethostname())}{_short_hash(_boot_id())}-{os.getpid()}-{stat[19] if stat else 0}"
+
+
+def remove_stale_files(path: Union[str, os.PathLike]) -> List[Path]:
+    """Temporary files `.NAME.tmp-OWNER-XXXX` beside `path` whose owner is provably gone are removed."""
+    path = Path(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-([0-9a-f]{{8}})([0-9a-f]{{8}})-(\d+)-(\d+)-[A-Za-z0-9_]+")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for f in sorted(path.parent.iterdir()):
+        m = pattern.fullmatch(f.name)
+        if not m or f.is_symlink() or not f.is_file():
+            continue
+        host, boot, pid, start = m.groups()
+        rec = {"host": socket.gethostname() if host == _short_hash(socket.gethostname()) else "?", "pid": int(pid),
+               "start": None if start == "0" else start,
+               "boot": _boot_id() if boot == _short_hash(_boot_id()) else "another boot"}
+        if owner_alive(rec) is False:
+            with contextlib.suppress(OSError):
+                f.unlink()
+                _note(f"removed {f}, left by an interrupted run (process {pid}, no longer running)")
+                removed.append(f)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_file(path: Union[str, os.PathLike], *, expected_bytes: Optional[int] = None):
+    """Yields a temporary path beside `path` to write; on success it is renamed onto `path` (mode following the
+    umask, not mkstemp's 0600). On an error, Ctrl-C or SIGTERM it is removed; one a SIGKILL left is removed by
+    the next write of the same path. Out of space: a DiskFullError naming the path and the bytes needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_files(path)
+    free = free_bytes(path.parent)
+    if expected_bytes is not None and free is not None and expected_bytes > free:
+        raise DiskFullError(f"{path}: not enough space: the file needs {human_bytes(expected_bytes)}, and "
+                            f"{human_bytes(free)} are free on that filesystem; nothing was written", str(path))
+    with signals_interrupt():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_file_owner_token()}-", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_current_umask())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            with signals_deferred():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            full = isinstance(exc, OSError) and exc.errno in DISK_FULL
+            if not full and "os error 28" not in str(exc).lower() and "no space left" not in str(exc).lower():
+                raise
+            free = free_bytes(path.parent)
+            raise DiskFullError(
+                f"no space left on device while writing {path}: the file needs "
+                f"{human_bytes(expected_bytes) if expected_bytes is not None else 'more space'}"
+                + (f", {human_bytes(free)} are free there now (the partial file was removed)" if free is not None
+                   else " (the partial file was removed)"), str(path)) from exc
+
+
 class ShardedCheckpoint:
     """The main checkpoint: declared entries, written in order into model-0000i-of-0000N.safetensors."""
 

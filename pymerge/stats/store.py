@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Union
@@ -171,16 +170,10 @@ def save(path: Union[str, os.PathLike], stats: Statistics, *, overwrite: bool = 
         raise FileExistsError(f"{path}: statistics file exists; pass overwrite=True (CLI: --force) to replace it")
     check(stats, f"statistics for {path}")
     tensors = {name: t.detach().contiguous().cpu() for name, t in stats.tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in stats.metadata.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from pymerge.io.writer import atomic_file  # stale temporary files, signals, umask, disk full: one mechanism
+
+    with atomic_file(path, expected_bytes=sum(t.numel() * t.element_size() for t in tensors.values())) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in stats.metadata.items()})
     return path
 
 
