@@ -192,3 +192,29 @@ def test_lora_reference_is_merged_through_peft(tmp_path, fam):
                               base["model.layers.1.self_attn.q_proj.weight"])
     with pytest.raises(ConfigError, match="not a LoRA adapter"):
         merge_state_dicts({"merge_method": "linear", "models": [f"{fam['base']}+{fam['ft0']}"]})
+
+
+def test_tokenizer_source_with_a_base_named_without_the_models_prefix(tmp_path, fam, vocab_family):
+    """A bare-backbone base (LlamaModel: `embed_tokens.weight`, no lm_head) beside *ForCausalLM models
+    (`model.embed_tokens.weight`): the embeddings are matched across the prefix, and a tensor the base lacks
+    (lm_head) is permuted from the models alone. Same output as with the full base for the prefixed names."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare"
+    shutil.copytree(fam["base"], bare)
+    sd = load_file(str(fam["base"] / "model.safetensors"))
+    (bare / "model.safetensors").unlink()
+    save_file({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}, str(bare / "model.safetensors"))
+
+    def run(base, out):
+        cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "head_patterns": ["lm_head.*"],
+               "models": [{"model": str(fam["ft0"]), "name": "ft0"}, {"model": str(vocab_family), "name": "ext"}],
+               "tokenizer_source": "union", "heads": "drop"}
+        return load_file(str(merge(cfg, tmp_path / out, progress=False).out_dir / "model.safetensors"))
+
+    got, want = run(bare, "o1"), run(fam["base"], "o2")
+    assert "model.embed_tokens.weight" in got and got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=lambda m: f"{k}: {m}")

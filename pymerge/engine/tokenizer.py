@@ -72,26 +72,43 @@ class EmbeddingPermuter:
         self.rows = len(out_vocab)
         self._cache: Dict[str, List[Optional[torch.Tensor]]] = {}
 
+    def _names(self, name: str) -> List[Optional[str]]:
+        """`name` in every source: the same name, or the one that differs by a leading module prefix (a
+        `BertModel` base names `embeddings.word_embeddings.weight` what the models call `bert.embeddings...`);
+        None where a source lacks it (a base model without the fine-tuned models' LM head)."""
+        out: List[Optional[str]] = []
+        for s in self.sources:
+            if name in s:
+                out.append(name)
+                continue
+            hits = [k for k in s.keys() if k.endswith("." + name) or name.endswith("." + k)]
+            if len(hits) > 1:
+                raise CheckpointError(f"{s.label}: tokenizer_source: several tensors could be {name!r}: {hits[:3]}")
+            out.append(hits[0] if hits else None)
+        return out
+
     def tensor(self, i: int, name: str) -> torch.Tensor:
-        if name not in self._cache:
-            self._cache[name] = self._permute(name)
-        got = self._cache[name]
+        names = self._names(name)
+        key = min((n for n in names if n is not None), key=len)
+        if key not in self._cache:
+            self._cache[key] = self._permute(names)
+        got = self._cache[key]
         t, got[i] = got[i], None
         if all(x is None for x in got):
-            del self._cache[name]
+            del self._cache[key]
         return t
 
-    def _permute(self, name: str) -> List[torch.Tensor]:
-        olds = [s.read(name).float() for s in self.sources]
-        h = olds[0].shape[1]
+    def _permute(self, names: List[Optional[str]]) -> List[Optional[torch.Tensor]]:
+        olds = [s.read(n).float() if n is not None else None for s, n in zip(self.sources, names)]
+        h = next(o for o in olds if o is not None).shape[1]
         n = len(self.sources)
         out = [torch.zeros(self.rows, h) for _ in range(n)]
         for tok, new in self.out_vocab.items():
             idx = [v.get(tok, -1) for v in self.vocabs]
-            idx = [j if 0 <= j < olds[k].shape[0] else -1 for k, j in enumerate(idx)]
+            idx = [j if olds[k] is not None and 0 <= j < olds[k].shape[0] else -1 for k, j in enumerate(idx)]
             have = [k for k in range(n) if idx[k] >= 0]
-            if len(have) == n:
-                for k in range(n):
+            if len(have) == sum(o is not None for o in olds):
+                for k in have:
                     out[k][new] = olds[k][idx[k]]
                 continue
             if len(have) == 1:
@@ -104,7 +121,7 @@ class EmbeddingPermuter:
                 default = sum(olds[k][idx[k]] for k in have) / len(have)
             for k in range(n):
                 out[k][new] = olds[k][idx[k]] if idx[k] >= 0 else default
-        return [o.to(s.dtype(name)) for o, s in zip(out, self.sources)]
+        return [o.to(s.dtype(nm)) if nm is not None else None for o, s, nm in zip(out, self.sources, names)]
 
 
 class PermutedSource(TensorSource):
