@@ -250,8 +250,53 @@ def test_workers_evaluate_a_batch_in_processes_like_one_process(tmp_path):
         inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=Inline(), progress=False, seed=5)
     finally:
         torch.set_num_threads(threads)
-    res = pymerge.dfmerge(base, fts, tasks, workers=2, seed=5, log=tmp_path / "w.jsonl", **FAST)
+    import pymerge.search.api as dfm
+
+    seen, real = {}, dfm.DFMergeObjective
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen["obj"] = self
+
+    dfm.DFMergeObjective = Spy  # in this process only: the spawned workers import the real class
+    try:
+        res = pymerge.dfmerge(base, fts, tasks, workers=2, seed=5, log=tmp_path / "w.jsonl", **FAST)
+    finally:
+        dfm.DFMergeObjective = real
+    # the parent's objective never went to a worker: pickling it for torch.multiprocessing would have moved its
+    # working body and scratch into shared memory, which concurrent workers then overwrite together (a race)
+    parent = seen["obj"]
+    assert not any(p.is_shared() for p in parent.model.parameters())
+    assert not any(t.is_shared() for t in parent._scratch)
     assert _same_trials(res.trials, inline)
+
+
+def test_the_objective_refuses_pickling_and_the_pool_gets_the_worker_function():
+    """A DFMergeObjective sent to a process would share its in-place working model with every worker; the loop
+    submits pool_evaluate (the worker's own objective) instead."""
+    import pickle
+
+    from concurrent.futures import Future
+
+    base, fts, tasks = bert_zoo()
+    obj = DFMergeObjective(base, fts, tasks, fisher_examples=3)
+    with pytest.raises(TypeError, match="DFMergeObjective is not picklable"):
+        pickle.dumps(obj)
+    submitted = []
+
+    class Recording:
+        def submit(self, fn, *args):
+            submitted.append(fn)
+            fut = Future()
+            fut.set_result(obj(*args))
+            return fut
+
+    def remote(lam):
+        raise AssertionError("only submitted, never called here")
+
+    loop.run_search(obj, 2, n_init=2, n_iter=0, workers=2, pool=Recording(), pool_evaluate=remote, progress=False)
+    assert submitted == [remote, remote]
 
 
 def test_bad_inputs_are_refused_before_any_work(tmp_path):

@@ -56,6 +56,9 @@ def _init_worker(pretrained, finetuned, tasks, kwargs, devices, workers) -> None
 
 
 def _worker_evaluate(lambdas):
+    """Evaluates in this worker's own objective (built once by _init_worker), never in one sent with the call."""
+    if _WORKER is None:
+        raise RuntimeError("_worker_evaluate runs only in a pool made by _make_pool (no worker objective here)")
     return _WORKER(lambdas)
 
 
@@ -171,7 +174,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
             trials = run_search(obj, M, optimizer=optimizer, n_init=n_init, n_iter=n_iter, bounds=bounds, seed=seed,
                                 options=options, log_path=log, header=header, resume=resume, overwrite=overwrite,
                                 patience=patience, time_budget=time_budget, workers=workers, pool=pool,
-                                progress=progress)
+                                pool_evaluate=_worker_evaluate, progress=progress)
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)

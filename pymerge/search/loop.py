@@ -1,8 +1,10 @@
 """The ask / evaluate / tell loop: trial log, resume, patience, wall-clock budget, progress bar, batches.
 
 `run_search(evaluate, dimension, ...)` maximises `evaluate(lambdas) -> (metrics, objective, seconds)`.
-With workers > 1 the optimiser is asked for a batch of `workers` points, evaluated by `pool.submit` (a
-concurrent.futures executor), told in asked order. On resume the logged trials are replayed: the optimiser is
+With workers > 1 the optimiser is asked for a batch of `workers` points, evaluated by
+`pool.submit(pool_evaluate, lambdas)` (a concurrent.futures executor), told in asked order. For a process pool,
+pool_evaluate must be a module-level function that evaluates in the worker's own state: submitting `evaluate`
+itself would pickle it (and its working model) with every point. On resume the logged trials are replayed: the optimiser is
 asked as before (asks are deterministic given the seed and the history told) and told the logged objective;
 only missing trials are evaluated, so the run ends where an uninterrupted run ends.
 """
@@ -27,8 +29,8 @@ def run_search(evaluate: Callable[[List[float]], Evaluation], dimension: int, *,
                n_init: int = 10, n_iter: int = 50, bounds=(0.0, 1.0), seed: int = 0,
                options: Optional[dict] = None, log_path=None, header: Optional[dict] = None, resume: bool = False,
                overwrite: bool = False, patience: Optional[int] = None, time_budget: Optional[float] = None,
-               workers: int = 1, pool=None, progress: bool = True, describe: Optional[Callable] = None
-               ) -> List[dict]:
+               workers: int = 1, pool=None, pool_evaluate: Optional[Callable] = None, progress: bool = True,
+               describe: Optional[Callable] = None) -> List[dict]:
     """Runs the search; returns the trial records in order. Budget: n_init + n_iter evaluations (for the GP,
     n_init random points then n_iter acquisition steps; for other optimisers, the total)."""
     for name, v in (("n_init", n_init), ("n_iter", n_iter)):
@@ -40,6 +42,7 @@ def run_search(evaluate: Callable[[List[float]], Evaluation], dimension: int, *,
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
     if workers > 1 and pool is None:
         raise ValueError("workers > 1 needs a pool (an executor with submit())")
+    remote = evaluate if pool_evaluate is None else pool_evaluate
     if patience is not None and (not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience: expected a positive integer, got {patience!r}")
     if time_budget is not None and not (float(time_budget) > 0):
@@ -97,7 +100,7 @@ def run_search(evaluate: Callable[[List[float]], Evaluation], dimension: int, *,
                 for j, lam in todo:
                     finish(j, lam, evaluate(lam))
             else:
-                futures = {pool.submit(evaluate, lam): (j, lam) for j, lam in todo}
+                futures = {pool.submit(remote, lam): (j, lam) for j, lam in todo}
                 pending = set(futures)
                 while pending:  # log each as it finishes: a kill loses only the unfinished ones
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)

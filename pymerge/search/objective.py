@@ -291,6 +291,12 @@ class DFMergeObjective:
     def __call__(self, lambdas: Sequence[float]):
         return self.evaluate_fixed(lambdas)
 
+    def __getstate__(self):
+        # sent to a torch.multiprocessing worker, every tensor would be moved into shared memory: the workers would
+        # then write their points into one working body (and scratch) at once and score each other's merges
+        raise TypeError("DFMergeObjective is not picklable: it owns a working model that it overwrites in place; "
+                        "a worker process builds its own (pymerge.search.api._make_pool / _worker_evaluate)")
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
