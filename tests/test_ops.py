@@ -311,10 +311,14 @@ def opcheck_cases():
         (torch.ops.pymerge.weighted_sum_out.default, (ps, [0.1, 0.2, 0.3], ps[0], torch.empty(5, 7))),
         (torch.ops.pymerge.fisher_merge_out.default, (ps, fs, [0.2, 0.3, 0.5], 1e-8, "average", torch.empty(5, 7))),
         (torch.ops.pymerge.dfmerge_combine_out.default, (ps[0], ps[1:], fs[1:], [0.4, 0.6], 1e-8, torch.empty(5, 7))),
+        (torch.ops.pymerge.fisher_merge.default, (ps, fs, None, 1e-8, "target")),
+        (torch.ops.pymerge.weighted_sum.default, (ps, None, ps[0])),
+        (torch.ops.pymerge.fisher_merge_out.default, (ps, fs, None, 1e-8, "average", torch.empty(5, 7))),
+        (torch.ops.pymerge.weighted_sum_out.default, (ps, None, None, torch.empty(5, 7))),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -528,3 +532,31 @@ def test_bad_instruction_set_cap_is_named(monkeypatch):
     monkeypatch.setenv("PYMERGE_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="PYMERGE_CPU_ISA"):
         ops.weighted_sum([torch.ones(3)], [1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# None weights at the raw op level (schema float[]?): 1/M each, as the Python wrappers' default
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_raw_ops_take_none_weights_as_uniform(dtype):
+    gen = torch.Generator().manual_seed(21)
+    ps = [rand((3, 50), dtype, gen) for _ in range(3)]
+    fs = [rand((3, 50), dtype, gen, positive=True) for _ in range(3)]
+    uniform = [1 / 3] * 3
+    for fb in ("target", "average"):
+        got = torch.ops.pymerge.fisher_merge(ps, fs, None, 1e-8, fb)
+        close(got, ops.fisher_merge_reference(ps, fs, uniform, 1e-8, fb))
+        buf = torch.empty_like(ps[0])
+        torch.ops.pymerge.fisher_merge_out(ps, fs, None, 1e-8, fb, buf)
+        assert torch.equal(buf, got)
+    got = torch.ops.pymerge.weighted_sum(ps, None, ps[0])
+    close(got, ops.weighted_sum_reference(ps, uniform, ps[0]))
+    buf = torch.empty_like(ps[0])
+    torch.ops.pymerge.weighted_sum_out(ps, None, None, buf)
+    close(buf, ops.weighted_sum_reference(ps, uniform))
+    close(ops.weighted_sum(ps), ops.weighted_sum_reference(ps, uniform))
+    metas = [p.to("meta") for p in ps]
+    assert torch.ops.pymerge.fisher_merge(metas, metas, None, 1e-8, "target").shape == (3, 50)
+    # given weights are still counted against the models
+    with pytest.raises(RuntimeError, match="weights: expected 3 values"):
+        torch.ops.pymerge.fisher_merge(ps, fs, [0.5, 0.5], 1e-8, "target")

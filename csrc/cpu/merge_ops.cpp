@@ -83,9 +83,10 @@ void check_cpu(const char* op, const at::Tensor& t) {
 
 // ---- weighted_sum: base + Σ w_i t_i ---------------------------------------------------------------
 // `into`: the caller's output (the *_out ops), else a new tensor.
-at::Tensor weighted_sum_impl(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base,
-                             const at::Tensor* into) {
+at::Tensor weighted_sum_impl(at::TensorList tensors, c10::optional<at::ArrayRef<double>> weights_or_none,
+                             const c10::optional<at::Tensor>& base, const at::Tensor* into) {
   constexpr const char* op = "weighted_sum";
+  const std::vector<double> weights = resolve_weights(op, weights_or_none, tensors.size());
   check_weighted_sum_args(tensors, weights, base);
   check_cpu(op, tensors[0]);
   const auto ins = contiguous_all(tensors);
@@ -101,9 +102,10 @@ at::Tensor weighted_sum_impl(at::TensorList tensors, at::ArrayRef<double> weight
 }
 
 // ---- fisher_merge: Σ λ_i F_i θ_i / Σ λ_i F_i with a zero-Fisher fallback ----------------------------
-at::Tensor fisher_merge_impl(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
-                             c10::string_view fallback, const at::Tensor* into) {
+at::Tensor fisher_merge_impl(at::TensorList params, at::TensorList fishers, c10::optional<at::ArrayRef<double>> weights_or_none,
+                             double eps, c10::string_view fallback, const at::Tensor* into) {
   constexpr const char* op = "fisher_merge";
+  const std::vector<double> weights = resolve_weights(op, weights_or_none, params.size());
   check_fisher_merge_args(params, fishers, weights, eps);
   check_cpu(op, params[0]);
   const Fallback fb = parse_fallback(op, fallback);
@@ -276,18 +278,18 @@ at::Tensor dare_cpu(const at::Tensor& task_vector, double p, int64_t seed) {
 
 // The functional ops return a new tensor; the *_out ops write into the caller's (reused) output, which spares
 // the first-touch page faults of a fresh allocation on every call (they dominate large CPU merges).
-at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
+at::Tensor weighted_sum_cpu(at::TensorList tensors, c10::optional<at::ArrayRef<double>> weights, const c10::optional<at::Tensor>& base) {
   return weighted_sum_impl(tensors, weights, base, nullptr);
 }
-void weighted_sum_out_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base,
+void weighted_sum_out_cpu(at::TensorList tensors, c10::optional<at::ArrayRef<double>> weights, const c10::optional<at::Tensor>& base,
                           at::Tensor& out) {
   weighted_sum_impl(tensors, weights, base, &out);
 }
-at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, c10::optional<at::ArrayRef<double>> weights, double eps,
                             c10::string_view fallback) {
   return fisher_merge_impl(params, fishers, weights, eps, fallback, nullptr);
 }
-void fisher_merge_out_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+void fisher_merge_out_cpu(at::TensorList params, at::TensorList fishers, c10::optional<at::ArrayRef<double>> weights, double eps,
                           c10::string_view fallback, at::Tensor& out) {
   fisher_merge_impl(params, fishers, weights, eps, fallback, &out);
 }
