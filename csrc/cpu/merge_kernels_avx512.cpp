@@ -5,6 +5,7 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC optimize("no-trapping-math")
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own _mm512_undefined_* in avx512fintrin.h
 #include <immintrin.h>
 #define PYMERGE_AVX512 1
 #define PYMERGE_ISA_NAME "avx512"
