@@ -222,7 +222,7 @@ def equality(mergekit_exe, methods):
 def speed(mergekit_exe, params, methods, rounds):
     import torch
 
-    root = WORK / f"large-{params:.2g}"
+    root = WORK / f"large-{params / 1e6:.0f}M"  # no "+" in the path: mergekit reads "a+b" as model+LoRA
     t0 = time.perf_counter()
     base, fts = make_models(root, params, torch.bfloat16)
     n = json.loads((base / "config.json").read_text())["num_hidden_layers"]
