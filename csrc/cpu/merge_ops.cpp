@@ -183,6 +183,7 @@ uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, int64_
   int64_t kk = k;
   count(0, 0);
   const uint32_t high = find(kk);
+  if (dt == cpu::kBF16) return high << 16;  // bf16 keys have no low bits: every key in the bin is this one
   count(1, high);
   const uint32_t low = find(kk);
   return (high << 16) | low;
@@ -229,7 +230,9 @@ uint32_t kth_key(const cpu::KernelTable& kt, int dt, const void* t, int64_t n, i
   });
   int64_t above = 0, in_band = 0, stored = 0;
   for (const auto& x : res) { above += x.above; in_band += x.in_band; stored += x.stored; }
-  if (stored != in_band || above >= k || above + in_band < k) return kth_key_radix(kt, dt, t, n, k);
+  const bool bracketed = above < k && above + in_band >= k;
+  if (bracketed && klo == khi) return klo;  // one value fills the band (quantised task vectors): it is the answer
+  if (!bracketed || stored != in_band) return kth_key_radix(kt, dt, t, n, k);
   // Gather the chunks' candidates at the front and select among them.
   int64_t at = 0;
   for (int64_t c = 0; c < chunks; ++c) {
