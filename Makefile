@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.deps-stamp
 export MAX_JOBS ?= 2
 export HF_HUB_OFFLINE := 1
 
-.PHONY: test demo build bench cuda-check clean
+.PHONY: test demo build bench bench-mergekit cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,8 @@ cuda-check:
 
 clean:
 	rm -rf build pymerge/*.so
+
+# pymerge and mergekit (pinned, in its own venv under build/) on the same generated models: equality on tiny
+# Llama models, wall time and peak RSS on ~1B bf16 ones (slow; not part of make test). Results: bench/README.md.
+bench-mergekit: build
+	PYTHONPATH=. $(PY) bench/vs_mergekit.py

@@ -4,6 +4,10 @@ C++ sources always build; CUDA sources build when the installed torch is a CUDA 
 toolkit is found (or PYMERGE_FORCE_CUDA=1). PYMERGE_FORCE_CPU=1 skips them.
 """
 import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -23,6 +27,49 @@ def read_sources():
         else:
             sections[current].append(line)
     return sections
+
+
+def progress_stream():
+    """Where build progress goes: the terminal when there is one (pip captures the build's stdout and stderr and
+    shows them only with -v, so a plain `pip install .` would otherwise sit silent for minutes), else stderr."""
+    try:
+        return open("/dev/tty", "w")
+    except OSError:
+        return sys.stderr
+
+
+def run_ninja_with_progress(build_directory, verbose, error_prefix):
+    """Stands in for torch.utils.cpp_extension._run_ninja_build: the same ninja build, but one short line per
+    finished step ("pymerge: [2/7] compiled csrc/cpu/merge_ops.cpp (40 s)") and the time taken, instead of
+    silence (or ninja -v's screen-long command lines). The full compiler output is shown when a step fails."""
+    jobs = os.environ.get("MAX_JOBS")
+    command = ["ninja"] + (["-j", jobs] if jobs else [])
+    out = progress_stream()
+    print(f"pymerge: compiling the C++{'/CUDA' if want_cuda() else ''} extension with ninja "
+          f"({jobs or 'default'} jobs; a few minutes on 2 cores)", file=out, flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen(command, cwd=build_directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        step = re.match(r"\[(\d+/\d+)\] (.*)", line)
+        if step:
+            srcs = re.findall(r"(\S+\.(?:cpp|cc|cu))(?:\s|$)", step.group(2))
+            what = f"compiled {os.path.relpath(srcs[-1], ROOT)}" if srcs else "linked pymerge/_C"
+            print(f"pymerge: [{step.group(1)}] {what} ({time.time() - t0:.0f} s)", file=out, flush=True)
+        elif verbose:
+            print(line, end="", file=out, flush=True)
+    if proc.wait() != 0:
+        message = error_prefix + "".join(log)
+        print(message, file=sys.stderr, flush=True)
+        raise RuntimeError(message)
+    print(f"pymerge: compiled in {time.time() - t0:.0f} s", file=out, flush=True)
+    if out is not sys.stderr:
+        out.close()
+
+
+cpp_extension._run_ninja_build = run_ninja_with_progress
 
 
 def want_cuda():

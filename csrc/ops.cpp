@@ -3,16 +3,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(pymerge, m) {
-  // Fisher-weighted average (Matena & Raffel eq. 4) with a zero-Fisher fallback.
-  m.def("fisher_merge(Tensor[] params, Tensor[] fishers, float[] weights, float eps, str fallback) -> Tensor");
+  // Fisher-weighted average (Matena & Raffel eq. 4) with a zero-Fisher fallback. weights None: 1/M each.
+  m.def("fisher_merge(Tensor[] params, Tensor[] fishers, float[]? weights, float eps, str fallback) -> Tensor");
   // DF-Merge eq. 8: pretrained + M * sum_i F_i lambda_i tau_i / sum_i F_i.
   m.def("dfmerge_combine(Tensor pretrained, Tensor[] task_vectors, Tensor[] fishers, float[] lambdas, float eps) -> Tensor");
-  // base + sum_i w_i t_i (averaging, task arithmetic, general task arithmetic).
-  m.def("weighted_sum(Tensor[] tensors, float[] weights, Tensor? base) -> Tensor");
+  // base + sum_i w_i t_i (averaging, task arithmetic, general task arithmetic). weights None: 1/M each.
+  m.def("weighted_sum(Tensor[] tensors, float[]? weights, Tensor? base) -> Tensor");
   // The same three writing into the caller's `out` (reused buffers: no fresh allocation per call). CPU kernels;
   // elsewhere pymerge.ops computes and copies.
-  m.def("weighted_sum_out(Tensor[] tensors, float[] weights, Tensor? base, Tensor(a!) out) -> ()");
-  m.def("fisher_merge_out(Tensor[] params, Tensor[] fishers, float[] weights, float eps, str fallback, Tensor(a!) out) -> ()");
+  m.def("weighted_sum_out(Tensor[] tensors, float[]? weights, Tensor? base, Tensor(a!) out) -> ()");
+  m.def("fisher_merge_out(Tensor[] params, Tensor[] fishers, float[]? weights, float eps, str fallback, Tensor(a!) out) -> ()");
   m.def("dfmerge_combine_out(Tensor pretrained, Tensor[] task_vectors, Tensor[] fishers, float[] lambdas, float eps, Tensor(a!) out) -> ()");
   // TIES: trim to top-density magnitudes, elect sign by mass, disjoint mean, scale by lam.
   m.def("ties_merge(Tensor pretrained, Tensor[] task_vectors, float density, float lam) -> Tensor");

@@ -154,7 +154,8 @@ def _fake_like(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # weighted_sum
 # ----------------------------------------------------------------------------------------------
-def weighted_sum_reference(tensors, weights, base=None):
+def weighted_sum_reference(tensors, weights=None, base=None):
+    weights = [1.0 / len(tensors)] * len(tensors) if weights is None else weights
     if base is not None:
         acc = base.float().clone()  # starts at base (not 0 + base): keeps the sign of a -0.0 base, as the kernels do
     else:
@@ -164,14 +165,15 @@ def weighted_sum_reference(tensors, weights, base=None):
     return acc.to(tensors[0].dtype)
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: Optional[torch.Tensor] = None,
-                 *, out: Optional[torch.Tensor] = None):
-    """base + Σ_i w_i t_i in one pass (averaging, task arithmetic, general task arithmetic).
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None,
+                 base: Optional[torch.Tensor] = None, *, out: Optional[torch.Tensor] = None):
+    """base + Σ_i w_i t_i in one pass (averaging, task arithmetic, general task arithmetic). weights default to
+    1/M each (the average).
 
     out: a contiguous tensor to write into and return (reusing one buffer spares a fresh allocation per call).
     """
     _check_list("tensors", tensors)
-    weights = _check_numbers("weights", weights, len(tensors), "tensor")
+    weights = [1.0 / len(tensors)] * len(tensors) if weights is None else _check_numbers("weights", weights, len(tensors), "tensor")
     if base is not None:
         _check_tensor("base", base, tensors[0], "tensors[0]")
     if out is not None:

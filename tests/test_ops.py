@@ -311,10 +311,14 @@ def opcheck_cases():
         (torch.ops.pymerge.weighted_sum_out.default, (ps, [0.1, 0.2, 0.3], ps[0], torch.empty(5, 7))),
         (torch.ops.pymerge.fisher_merge_out.default, (ps, fs, [0.2, 0.3, 0.5], 1e-8, "average", torch.empty(5, 7))),
         (torch.ops.pymerge.dfmerge_combine_out.default, (ps[0], ps[1:], fs[1:], [0.4, 0.6], 1e-8, torch.empty(5, 7))),
+        (torch.ops.pymerge.fisher_merge.default, (ps, fs, None, 1e-8, "target")),
+        (torch.ops.pymerge.weighted_sum.default, (ps, None, ps[0])),
+        (torch.ops.pymerge.fisher_merge_out.default, (ps, fs, None, 1e-8, "average", torch.empty(5, 7))),
+        (torch.ops.pymerge.weighted_sum_out.default, (ps, None, None, torch.empty(5, 7))),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -465,3 +469,94 @@ def test_out_must_match_and_be_contiguous():
         ops.dfmerge_combine(ps[0], ps, ps, [1.0, 1.0], out=torch.empty(6, 4).t())
     with pytest.raises(RuntimeError, match="fisher_merge: out: shape"):  # the C++ check, for LibTorch callers
         torch.ops.pymerge.fisher_merge_out(ps, ps, [0.5, 0.5], 1e-8, "target", torch.empty(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# every compiled instruction set (base / AVX2 / AVX-512 kernels, capped by PYMERGE_CPU_ISA) against the references
+# ------------------------------------------------------------------------------------------------
+ISAS = ["base", "avx2", "avx512"]  # a cap above what the CPU has runs the best it has: still a valid check
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_instruction_set_matches_the_references(isa, dtype, monkeypatch):
+    monkeypatch.setenv("PYMERGE_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(seed_of(isa, str(dtype)))
+    for shape, m in [((5001,), 1), ((5001,), 3), ((70_001,), 4), ((3, 1111), 6), ((1000,), 16)]:
+        pre = rand(shape, dtype, gen)
+        ts = [rand(shape, dtype, gen) for _ in range(m)]
+        fs = [rand(shape, dtype, gen, positive=True) for _ in range(m)]
+        zero_region(fs)
+        w = torch.rand(m, generator=gen).tolist()
+        close(ops.weighted_sum(ts, w, pre), ops.weighted_sum_reference(ts, w, pre))
+        close(ops.weighted_sum(ts, w), ops.weighted_sum_reference(ts, w))
+        for fb in ("target", "average"):
+            close(ops.fisher_merge(ts, fs, w, fallback=fb), ops.fisher_merge_reference(ts, fs, w, fallback=fb))
+        if dtype != torch.float32:
+            fs32 = [f.float() for f in fs]
+            close(ops.fisher_merge(ts, fs32, w), ops.fisher_merge_reference(ts, fs32, w))
+            close(ops.dfmerge_combine(pre, ts, fs32, w), ops.dfmerge_combine_reference(pre, ts, fs32, w))
+        close(ops.dfmerge_combine(pre, ts, fs, w), ops.dfmerge_combine_reference(pre, ts, fs, w))
+        close(ops.ties_merge(pre, ts, 0.3, 0.8), ops.ties_merge_reference(pre, ts, 0.3, 0.8))
+        assert torch.equal(ops.dare(ts[0], 0.4, 99), ops.dare_reference(ts[0], 0.4, 99))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "heavy_tail", "few_values", "extremes"])
+def test_ties_sampled_selection_is_exact(isa, dtype, kind, monkeypatch):
+    # Above 131072 elements the k-th largest magnitude is bracketed by a sample and selected among the keys in
+    # that band; few_values puts most keys in one band (the band overflows: exact radix fallback).
+    monkeypatch.setenv("PYMERGE_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(seed_of(isa, str(dtype), kind))
+    n = 300_007
+    def make():
+        if kind == "normal":
+            return torch.randn(n, generator=gen)
+        if kind == "heavy_tail":
+            return torch.randn(n, generator=gen) ** 5
+        if kind == "few_values":
+            return torch.randint(-3, 4, (n,), generator=gen).float()
+        t = torch.randn(n, generator=gen)  # large magnitudes, zeros and fp16 subnormals
+        t[torch.randint(0, n, (50,), generator=gen)] = -6e4
+        t[torch.randint(0, n, (5000,), generator=gen)] = 0.0
+        t[torch.randint(0, n, (5000,), generator=gen)] = 3e-7
+        return t
+    pre = torch.randn(n, generator=gen).to(dtype)
+    ts = [make().to(dtype) for _ in range(3)]
+    for density in (0.0001, 0.2, 0.9, 1.0):
+        close(ops.ties_merge(pre, ts, density, 1.0), ops.ties_merge_reference(pre, ts, density, 1.0))
+
+
+def test_bad_instruction_set_cap_is_named(monkeypatch):
+    monkeypatch.setenv("PYMERGE_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="PYMERGE_CPU_ISA"):
+        ops.weighted_sum([torch.ones(3)], [1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# None weights at the raw op level (schema float[]?): 1/M each, as the Python wrappers' default
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_raw_ops_take_none_weights_as_uniform(dtype):
+    gen = torch.Generator().manual_seed(21)
+    ps = [rand((3, 50), dtype, gen) for _ in range(3)]
+    fs = [rand((3, 50), dtype, gen, positive=True) for _ in range(3)]
+    uniform = [1 / 3] * 3
+    for fb in ("target", "average"):
+        got = torch.ops.pymerge.fisher_merge(ps, fs, None, 1e-8, fb)
+        close(got, ops.fisher_merge_reference(ps, fs, uniform, 1e-8, fb))
+        buf = torch.empty_like(ps[0])
+        torch.ops.pymerge.fisher_merge_out(ps, fs, None, 1e-8, fb, buf)
+        assert torch.equal(buf, got)
+    got = torch.ops.pymerge.weighted_sum(ps, None, ps[0])
+    close(got, ops.weighted_sum_reference(ps, uniform, ps[0]))
+    buf = torch.empty_like(ps[0])
+    torch.ops.pymerge.weighted_sum_out(ps, None, None, buf)
+    close(buf, ops.weighted_sum_reference(ps, uniform))
+    close(ops.weighted_sum(ps), ops.weighted_sum_reference(ps, uniform))
+    metas = [p.to("meta") for p in ps]
+    assert torch.ops.pymerge.fisher_merge(metas, metas, None, 1e-8, "target").shape == (3, 50)
+    # given weights are still counted against the models
+    with pytest.raises(RuntimeError, match="weights: expected 3 values"):
+        torch.ops.pymerge.fisher_merge(ps, fs, [0.5, 0.5], 1e-8, "target")

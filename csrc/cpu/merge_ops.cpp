@@ -1,97 +1,69 @@
-// CPU kernels of the fused merge ops. Each reads every input element once and writes the output once.
-//
-// The element-wise ops (weighted_sum, fisher_merge, dfmerge_combine) walk the tensors in blocks of kBlock
-// elements with fp32 accumulators on the stack: models in the outer loop, elements in the inner loop, so the
-// inner loops are plain streams that the compiler vectorises (#pragma omp simd), and the block stays in L1
-// while the M inputs stream past. at::parallel_for splits the tensor into large chunks of blocks.
-// No FP traps are ever enabled here; without this, GCC will not turn the fallback selects into vector blends.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+// CPU glue of the fused merge ops: argument checks, outputs, parallel chunks, and the choice of kernels.
+// The kernels themselves (csrc/cpu/merge_kernels.h) are compiled for the base instruction set, AVX2 and
+// AVX-512; the best one the running CPU supports is used (PYMERGE_CPU_ISA=base|avx2|avx512 caps the choice,
+// which the tests use to check every compiled variant against the references). Each reads every input element
+// once and writes the output once; TIES adds one selection pass per task vector.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <string>
 #include <vector>
 
+#include "kernel_table.h"
 #include "pymerge/merge_math.h"
 #include "pymerge/op_checks.h"
 
 namespace pymerge {
 namespace {
 
-constexpr int64_t kBlock = 4096;      // 16 KiB per fp32 stream per block: long runs for the prefetchers
-constexpr int64_t kGrain = 1 << 16;   // elements per parallel task
+constexpr int64_t kGrain = 1 << 16;  // elements per parallel task
 
-// fp32 views of the storage types and back, written branch-free (selects only) so the block loops vectorise;
-// c10's own conversions branch on NaN / subnormals, which stops the vectoriser. Both round to nearest even.
-inline uint32_t f_bits(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
-inline float bits_f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
-
-inline float to_f(float x) { return x; }
-inline float to_f(c10::BFloat16 x) { return bits_f(static_cast<uint32_t>(x.x) << 16); }
-inline float to_f(c10::Half x) {
-  // After F. Giesen's half_to_float: rebias the exponent; Inf / NaN and subnormals are fixed up by selects.
-  const uint32_t h = x.x;
-  const uint32_t shifted = (h & 0x7fffu) << 13;
-  const uint32_t exp = shifted & 0x0f800000u;
-  const uint32_t normal = shifted + 0x38000000u;                                        // (127 - 15) << 23
-  const uint32_t infnan = normal + 0x38000000u;                                         // exponent all ones
-  const uint32_t sub = f_bits(bits_f(normal + 0x00800000u) - bits_f(0x38800000u));     // renormalise
-  const uint32_t mag = exp == 0x0f800000u ? infnan : (exp == 0 ? sub : normal);
-  return bits_f(mag | ((h & 0x8000u) << 16));
+bool cpu_has(const char* isa) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (std::strcmp(isa, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi2");
+  if (std::strcmp(isa, "avx512") == 0)
+    return cpu_has("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
 }
 
-template <typename T> inline T from_f(float x);
-template <> inline float from_f<float>(float x) { return x; }
-template <> inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
-  const uint32_t u = f_bits(x);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
-}
-template <> inline c10::Half from_f<c10::Half>(float x) {
-  // After F. Giesen's float_to_half_fast3_rtne, with its branches turned into selects.
-  const uint32_t u = f_bits(x);
-  const uint32_t sign = (u & 0x80000000u) >> 16;
-  const uint32_t a = u & 0x7fffffffu;
-  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;                              // NaN / overflow -> Inf
-  const float denorm_magic = bits_f(((127 - 15) + (23 - 10) + 1) << 23);
-  const uint32_t sub = f_bits(bits_f(a) + denorm_magic) - f_bits(denorm_magic);         // subnormal or zero
-  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;                    // rebias + round
-  const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
-  return c10::Half(static_cast<uint16_t>(h | sign), c10::Half::from_bits());
+// The kernels to run: the widest compiled-in instruction set the CPU has, at most PYMERGE_CPU_ISA (read on
+// every call, so tests can switch; a getenv is nothing next to a merge).
+const cpu::KernelTable& kernels() {
+  static const cpu::KernelTable* avx512 = cpu_has("avx512") ? cpu::kernels_avx512() : nullptr;
+  static const cpu::KernelTable* avx2 = cpu_has("avx2") ? cpu::kernels_avx2() : nullptr;
+  const char* cap = std::getenv("PYMERGE_CPU_ISA");
+  const std::string c = cap ? cap : "";
+  TORCH_CHECK(c.empty() || c == "base" || c == "avx2" || c == "avx512",
+              "PYMERGE_CPU_ISA must be base, avx2 or avx512, got '", c, "'");
+  if (avx512 && (c.empty() || c == "avx512")) return *avx512;
+  if (avx2 && c != "base") return *avx2;
+  return *cpu::kernels_base();
 }
 
-// Calls f.template operator()<P, F>() for the params dtype P and the Fisher dtype F (P itself or float).
-template <typename Fn>
-void dispatch_pf(at::ScalarType p, at::ScalarType f, const char* op, Fn&& fn) {
-  const bool f32 = f == at::kFloat;
-  switch (p) {
-    case at::kFloat: fn.template operator()<float, float>(); break;
-    case at::kHalf:
-      if (f32) fn.template operator()<c10::Half, float>(); else fn.template operator()<c10::Half, c10::Half>();
-      break;
-    case at::kBFloat16:
-      if (f32) fn.template operator()<c10::BFloat16, float>();
-      else fn.template operator()<c10::BFloat16, c10::BFloat16>();
-      break;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", p);
+int dtype_index(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat: return cpu::kF32;
+    case at::kHalf: return cpu::kF16;
+    case at::kBFloat16: return cpu::kBF16;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", t);
   }
+  return 0;
 }
 
-template <typename Fn>
-void dispatch_p(at::ScalarType p, const char* op, Fn&& fn) {
-  dispatch_pf(p, p, op, std::forward<Fn>(fn));
-}
-
-template <typename T>
-std::vector<const T*> data_ptrs(const std::vector<at::Tensor>& ts) {
-  std::vector<const T*> out;
-  for (const auto& t : ts) out.push_back(t.data_ptr<T>());
+std::vector<const void*> data_ptrs(const std::vector<at::Tensor>& ts) {
+  std::vector<const void*> out;
+  for (const auto& t : ts) out.push_back(t.data_ptr());
   return out;
 }
 
@@ -99,12 +71,10 @@ at::Tensor new_output(const at::Tensor& like) {
   return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-// Runs body(begin, len) over [0, n) in blocks of at most kBlock elements, chunks of blocks in parallel.
-template <typename Body>
-void for_blocks(int64_t n, Body&& body) {
-  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; b += kBlock) body(b, std::min(kBlock, hi - b));
-  });
+// fn(args, lo, hi) over [0, n) in parallel chunks.
+void run_chunks(cpu::ChunkFn fn, const void* args, int64_t n) {
+  if (n == 0) return;
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) { fn(args, lo, hi); });
 }
 
 void check_cpu(const char* op, const at::Tensor& t) {
@@ -113,46 +83,29 @@ void check_cpu(const char* op, const at::Tensor& t) {
 
 // ---- weighted_sum: base + Σ w_i t_i ---------------------------------------------------------------
 // `into`: the caller's output (the *_out ops), else a new tensor.
-at::Tensor weighted_sum_impl(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base,
-                             const at::Tensor* into) {
+at::Tensor weighted_sum_impl(at::TensorList tensors, c10::optional<at::ArrayRef<double>> weights_or_none,
+                             const c10::optional<at::Tensor>& base, const at::Tensor* into) {
   constexpr const char* op = "weighted_sum";
+  const std::vector<double> weights = resolve_weights(op, weights_or_none, tensors.size());
   check_weighted_sum_args(tensors, weights, base);
   check_cpu(op, tensors[0]);
   const auto ins = contiguous_all(tensors);
   const at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
   if (into) check_out(op, *into, ins[0]);
   at::Tensor out = into ? *into : new_output(ins[0]);
-  const int m = static_cast<int>(ins.size());
   const std::vector<float> w(weights.begin(), weights.end());
-  dispatch_p(out.scalar_type(), op, [&]<typename P, typename>() {
-    const auto ptrs = data_ptrs<P>(ins);
-    const P* bp = b.defined() ? b.data_ptr<P>() : nullptr;
-    P* op_ = out.data_ptr<P>();
-    for_blocks(out.numel(), [&](int64_t b0, int64_t len) {
-      alignas(64) float acc[kBlock];
-      if (bp) {
-#pragma omp simd
-        for (int64_t e = 0; e < len; ++e) acc[e] = to_f(bp[b0 + e]);
-      } else {
-        std::fill(acc, acc + len, 0.f);
-      }
-      for (int i = 0; i < m; ++i) {
-        const P* x = ptrs[i] + b0;
-        const float wi = w[i];
-#pragma omp simd
-        for (int64_t e = 0; e < len; ++e) acc[e] += wi * to_f(x[e]);
-      }
-#pragma omp simd
-      for (int64_t e = 0; e < len; ++e) op_[b0 + e] = from_f<P>(acc[e]);
-    });
-  });
+  const auto ptrs = data_ptrs(ins);
+  const cpu::WeightedSumArgs args{ptrs.data(), static_cast<int>(ins.size()), w.data(),
+                                  b.defined() ? b.data_ptr() : nullptr, out.data_ptr()};
+  run_chunks(kernels().weighted_sum[dtype_index(out.scalar_type(), op)], &args, out.numel());
   return out;
 }
 
 // ---- fisher_merge: Σ λ_i F_i θ_i / Σ λ_i F_i with a zero-Fisher fallback ----------------------------
-at::Tensor fisher_merge_impl(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
-                             c10::string_view fallback, const at::Tensor* into) {
+at::Tensor fisher_merge_impl(at::TensorList params, at::TensorList fishers, c10::optional<at::ArrayRef<double>> weights_or_none,
+                             double eps, c10::string_view fallback, const at::Tensor* into) {
   constexpr const char* op = "fisher_merge";
+  const std::vector<double> weights = resolve_weights(op, weights_or_none, params.size());
   check_fisher_merge_args(params, fishers, weights, eps);
   check_cpu(op, params[0]);
   const Fallback fb = parse_fallback(op, fallback);
@@ -160,48 +113,16 @@ at::Tensor fisher_merge_impl(at::TensorList params, at::TensorList fishers, at::
   const auto fs = contiguous_all(fishers);
   if (into) check_out(op, *into, ps[0]);
   at::Tensor out = into ? *into : new_output(ps[0]);
-  const int m = static_cast<int>(ps.size());
   const std::vector<float> w(weights.begin(), weights.end());
-  double wsum_d = 0;
-  for (double x : weights) wsum_d += x;
-  const float wsum = static_cast<float>(wsum_d);
-  const float feps = static_cast<float>(eps);
-  dispatch_pf(ps[0].scalar_type(), fs[0].scalar_type(), op, [&]<typename P, typename F>() {
-    const auto pp = data_ptrs<P>(ps);
-    const auto fp = data_ptrs<F>(fs);
-    P* o = out.data_ptr<P>();
-    for_blocks(out.numel(), [&](int64_t b0, int64_t len) {
-      alignas(64) float num[kBlock], den[kBlock], wp[kBlock];
-      std::fill(num, num + len, 0.f);
-      std::fill(den, den + len, 0.f);
-      for (int i = 0; i < m; ++i) {
-        const P* x = pp[i] + b0;
-        const F* f = fp[i] + b0;
-        const float wi = w[i];
-#pragma omp simd
-        for (int64_t e = 0; e < len; ++e) {
-          const float wf = wi * to_f(f[e]);
-          num[e] += wf * to_f(x[e]);
-          den[e] += wf;
-        }
-      }
-      if (fb == Fallback::Target) {
-        const P* x0 = pp[0] + b0;  // re-read from cache: the block was just streamed
-#pragma omp simd
-        for (int64_t e = 0; e < len; ++e) o[b0 + e] = from_f<P>(fisher_finish(num[e], den[e], feps, to_f(x0[e])));
-      } else {
-        std::fill(wp, wp + len, 0.f);
-        for (int i = 0; i < m; ++i) {
-          const P* x = pp[i] + b0;
-          const float wi = w[i];
-#pragma omp simd
-          for (int64_t e = 0; e < len; ++e) wp[e] += wi * to_f(x[e]);
-        }
-#pragma omp simd
-        for (int64_t e = 0; e < len; ++e) o[b0 + e] = from_f<P>(fisher_finish(num[e], den[e], feps, wp[e] / wsum));
-      }
-    });
-  });
+  double wsum = 0;
+  for (double x : weights) wsum += x;
+  const auto pp = data_ptrs(ps);
+  const auto fp = data_ptrs(fs);
+  const cpu::FisherArgs args{pp.data(), fp.data(), static_cast<int>(ps.size()), w.data(), static_cast<float>(wsum),
+                             static_cast<float>(eps), fb == Fallback::Average, out.data_ptr()};
+  const int pd = dtype_index(ps[0].scalar_type(), op);
+  const int fd = fs[0].scalar_type() == ps[0].scalar_type() ? cpu::kSame : cpu::kF32Fisher;
+  run_chunks(kernels().fisher_merge[pd][fd], &args, out.numel());
   return out;
 }
 
@@ -216,73 +137,36 @@ at::Tensor dfmerge_combine_impl(const at::Tensor& pretrained, at::TensorList tas
   const auto fs = contiguous_all(fishers);
   if (into) check_out(op, *into, pre);
   at::Tensor out = into ? *into : new_output(pre);
-  const int m = static_cast<int>(ts.size());
-  const float mf = static_cast<float>(m);
   const std::vector<float> lam(lambdas.begin(), lambdas.end());
-  const float feps = static_cast<float>(eps);
-  dispatch_pf(pre.scalar_type(), fs[0].scalar_type(), op, [&]<typename P, typename F>() {
-    const auto tp = data_ptrs<P>(ts);
-    const auto fp = data_ptrs<F>(fs);
-    const P* prep = pre.data_ptr<P>();
-    P* o = out.data_ptr<P>();
-    for_blocks(out.numel(), [&](int64_t b0, int64_t len) {
-      alignas(64) float num[kBlock], den[kBlock], plain[kBlock];
-      std::fill(num, num + len, 0.f);
-      std::fill(den, den + len, 0.f);
-      std::fill(plain, plain + len, 0.f);
-      for (int i = 0; i < m; ++i) {
-        const P* t = tp[i] + b0;
-        const F* f = fp[i] + b0;
-        const float li = lam[i];
-#pragma omp simd
-        for (int64_t e = 0; e < len; ++e) {
-          const float lt = li * to_f(t[e]);
-          const float ff = to_f(f[e]);
-          num[e] += ff * lt;
-          den[e] += ff;
-          plain[e] += lt;
-        }
-      }
-#pragma omp simd
-      for (int64_t e = 0; e < len; ++e)
-        o[b0 + e] = from_f<P>(dfmerge_finish(to_f(prep[b0 + e]), num[e], den[e], plain[e], mf, feps));
-    });
-  });
+  const auto tp = data_ptrs(ts);
+  const auto fp = data_ptrs(fs);
+  const int m = static_cast<int>(ts.size());
+  const cpu::DfmergeArgs args{pre.data_ptr(), tp.data(), fp.data(), m, lam.data(), static_cast<float>(m),
+                              static_cast<float>(eps), out.data_ptr()};
+  const int pd = dtype_index(pre.scalar_type(), op);
+  const int fd = fs[0].scalar_type() == pre.scalar_type() ? cpu::kSame : cpu::kF32Fisher;
+  run_chunks(kernels().dfmerge_combine[pd][fd], &args, out.numel());
   return out;
 }
 
 // ---- ties_merge: trim (selection), elect sign, disjoint mean ---------------------------------------
-// Magnitude as an ordered key: the bits of |x| (non-negative floats order like their bit patterns); NaN -> +inf.
-template <typename P>
-inline uint32_t magnitude_key(P x) {
-  const uint32_t u = f_bits(to_f(x)) & 0x7fffffffu;
-  return u > 0x7f800000u ? 0x7f800000u : u;
-}
+inline float bits_f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 
-// The k-th largest |t| by a two-pass radix select (O(n) selection, not a sort, and no copy of the tensor):
-// histogram the keys' high 16 bits, find the bin holding the k-th largest, then histogram the low 16 bits of
-// the keys in that bin. Chunks of the tensor count into their own histograms in parallel.
-template <typename P>
-float kth_largest_magnitude(const P* t, int64_t n, int64_t k) {
+// The k-th largest magnitude key by an exact two-pass radix select over 16-bit digits (the fallback of the
+// sampled selection below): histogram the keys' high 16 bits, find the bin holding the k-th largest, then
+// histogram the low 16 bits of the keys in that bin. Chunks count into their own histograms in parallel.
+uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, int64_t n, int64_t k) {
   constexpr int64_t kBins = int64_t{1} << 16;
   int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
   chunks = std::max<int64_t>(chunks, (n >> 31) + 1);  // uint32 counts per chunk
   std::vector<uint32_t> hist(static_cast<size_t>(chunks * kBins));
-  auto count = [&](bool low_pass, uint32_t high) {
+  auto count = [&](int pass, uint32_t high) {
     std::fill(hist.begin(), hist.end(), 0u);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        uint32_t* h = hist.data() + c * kBins;
         const int64_t lo = n / chunks * c + std::min(c, n % chunks);
         const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
-        if (!low_pass) {
-          for (int64_t e = lo; e < hi; ++e) ++h[magnitude_key(t[e]) >> 16];
-        } else {
-          for (int64_t e = lo; e < hi; ++e) {
-            const uint32_t key = magnitude_key(t[e]);
-            if ((key >> 16) == high) ++h[key & 0xffffu];
-          }
-        }
+        kt.ties_hist[dt](t, lo, hi, pass, high, hist.data() + c * kBins);
       }
     });
   };
@@ -297,11 +181,67 @@ float kth_largest_magnitude(const P* t, int64_t n, int64_t k) {
     return 0;
   };
   int64_t kk = k;
-  count(false, 0);
+  count(0, 0);
   const uint32_t high = find(kk);
-  count(true, high);
+  if (dt == cpu::kBF16) return high << 16;  // bf16 keys have no low bits: every key in the bin is this one
+  count(1, high);
   const uint32_t low = find(kk);
-  return bits_f((high << 16) | low);
+  return (high << 16) | low;
+}
+
+// The k-th largest (1-based) of keys, in place.
+uint32_t kth_largest_of(std::vector<uint32_t>& keys, int64_t k) {
+  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
+  return keys[k - 1];
+}
+
+// The k-th largest magnitude key of t by sampling: a strided sample of kSample keys brackets the k-th largest
+// in a narrow band [klo, khi] (±~5 standard deviations of the sample quantile); one vectorised pass counts the
+// keys above the band and keeps those inside it (about 2% of the tensor), and a selection among those gives the
+// exact answer. If the band missed (it cannot for all but adversarial layouts), the exact radix select runs.
+// Cost: one read of t plus a sample, instead of two full histogram passes with scattered increments.
+uint32_t kth_key(const cpu::KernelTable& kt, int dt, const void* t, int64_t n, int64_t k) {
+  constexpr int64_t kSample = 1 << 15;
+  if (n <= 4 * kSample) {
+    std::vector<uint32_t> keys(static_cast<size_t>(n));
+    kt.ties_keys[dt](t, 0, 1, n, keys.data());
+    return kth_largest_of(keys, k);
+  }
+  const int64_t stride = n / kSample;
+  std::vector<uint32_t> sample(static_cast<size_t>(kSample));
+  kt.ties_keys[dt](t, stride / 2, stride, kSample, sample.data());
+  const double r = static_cast<double>(k) * kSample / static_cast<double>(n);  // expected rank in the sample
+  const double half = 5.0 * std::sqrt(r * (1.0 - r / kSample) + 1.0) + 8.0;
+  const int64_t r_hi = static_cast<int64_t>(std::floor(r - half)), r_lo = static_cast<int64_t>(std::ceil(r + half));
+  const uint32_t khi = r_hi < 1 ? std::numeric_limits<uint32_t>::max() : kth_largest_of(sample, r_hi);
+  const uint32_t klo = r_lo > kSample ? 0u : kth_largest_of(sample, r_lo);
+  // Parallel chunks, each with its own candidate buffer (capacity: 4x the expected band, at least 4096).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), n / kGrain));
+  const double band_frac = static_cast<double>(r_lo - r_hi) / kSample;
+  const int64_t cap = static_cast<int64_t>(4.0 * band_frac * static_cast<double>(n) / chunks) + 4096;
+  std::vector<uint32_t> cand(static_cast<size_t>(chunks * (cap + 64)));
+  std::vector<cpu::BandResult> res(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = n / chunks * c + std::min(c, n % chunks);
+      const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
+      res[c] = kt.ties_band[dt](t, lo, hi, klo, khi, cand.data() + c * (cap + 64), cap);
+    }
+  });
+  int64_t above = 0, in_band = 0, stored = 0;
+  for (const auto& x : res) { above += x.above; in_band += x.in_band; stored += x.stored; }
+  const bool bracketed = above < k && above + in_band >= k;
+  if (bracketed && klo == khi) return klo;  // one value fills the band (quantised task vectors): it is the answer
+  if (!bracketed || stored != in_band) return kth_key_radix(kt, dt, t, n, k);
+  // Gather the chunks' candidates at the front and select among them.
+  int64_t at = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint32_t* src = cand.data() + c * (cap + 64);
+    std::copy(src, src + res[c].stored, cand.begin() + at);
+    at += res[c].stored;
+  }
+  cand.resize(static_cast<size_t>(at));
+  return kth_largest_of(cand, k - above);
 }
 
 at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
@@ -315,40 +255,13 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
   if (n == 0) return out;
   const int m = static_cast<int>(ts.size());
   const int64_t k = ties_keep_count(n, density);
-  const float flam = static_cast<float>(lam);
-  dispatch_p(pre.scalar_type(), op, [&]<typename P, typename>() {
-    const auto tp = data_ptrs<P>(ts);
-    float thr[kMaxModels];
-    for (int i = 0; i < m; ++i) thr[i] = kth_largest_magnitude(tp[i], n, k);
-    const P* prep = pre.data_ptr<P>();
-    P* o = out.data_ptr<P>();
-    // Elect and disjoint-merge in blocks, model by model (vectorised), as ties_disjoint_mean does per element.
-    for_blocks(n, [&](int64_t b0, int64_t len) {
-      alignas(64) float total[kBlock], acc[kBlock], cnt[kBlock];
-      std::fill(total, total + len, 0.f);
-      for (int i = 0; i < m; ++i) {
-        const P* t = tp[i] + b0;
-        const float th = thr[i];
-#pragma omp simd
-        for (int64_t e = 0; e < len; ++e) total[e] += ties_trim(to_f(t[e]), th);
-      }
-      std::fill(acc, acc + len, 0.f);
-      std::fill(cnt, cnt + len, 0.f);
-      for (int i = 0; i < m; ++i) {
-        const P* t = tp[i] + b0;
-        const float th = thr[i];
-#pragma omp simd
-        for (int64_t e = 0; e < len; ++e) {
-          const float v = ties_trim(to_f(t[e]), th);
-          const bool agree = ties_agrees(total[e], v);
-          acc[e] += agree ? v : 0.f;
-          cnt[e] += agree ? 1.f : 0.f;
-        }
-      }
-#pragma omp simd
-      for (int64_t e = 0; e < len; ++e) o[b0 + e] = from_f<P>(to_f(prep[b0 + e]) + flam * ties_mean(acc[e], cnt[e]));
-    });
-  });
+  const cpu::KernelTable& kt = kernels();
+  const int dt = dtype_index(pre.scalar_type(), op);
+  const auto tp = data_ptrs(ts);
+  float thr[kMaxModels];
+  for (int i = 0; i < m; ++i) thr[i] = bits_f(kth_key(kt, dt, tp[i], n, k));
+  const cpu::TiesArgs args{pre.data_ptr(), tp.data(), m, thr, static_cast<float>(lam), out.data_ptr()};
+  run_chunks(kt.ties_merge[dt], &args, n);
   return out;
 }
 
@@ -359,34 +272,27 @@ at::Tensor dare_cpu(const at::Tensor& task_vector, double p, int64_t seed) {
   check_cpu(op, task_vector);
   const at::Tensor t = task_vector.contiguous();
   at::Tensor out = new_output(t);
-  const uint64_t key = dare_key(seed);
-  const uint32_t threshold = dare_threshold(p);
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
-  dispatch_p(t.scalar_type(), op, [&]<typename P, typename>() {
-    const P* x = t.data_ptr<P>();
-    P* o = out.data_ptr<P>();
-    at::parallel_for(0, out.numel(), kGrain, [&](int64_t lo, int64_t hi) {
-      for (int64_t e = lo; e < hi; ++e) o[e] = from_f<P>(dare_apply(to_f(x[e]), key, e, threshold, scale));
-    });
-  });
+  const cpu::DareArgs args{t.data_ptr(), dare_key(seed), dare_threshold(p), static_cast<float>(1.0 / (1.0 - p)),
+                           out.data_ptr()};
+  run_chunks(kernels().dare[dtype_index(t.scalar_type(), op)], &args, out.numel());
   return out;
 }
 
 
 // The functional ops return a new tensor; the *_out ops write into the caller's (reused) output, which spares
 // the first-touch page faults of a fresh allocation on every call (they dominate large CPU merges).
-at::Tensor weighted_sum_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
+at::Tensor weighted_sum_cpu(at::TensorList tensors, c10::optional<at::ArrayRef<double>> weights, const c10::optional<at::Tensor>& base) {
   return weighted_sum_impl(tensors, weights, base, nullptr);
 }
-void weighted_sum_out_cpu(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base,
+void weighted_sum_out_cpu(at::TensorList tensors, c10::optional<at::ArrayRef<double>> weights, const c10::optional<at::Tensor>& base,
                           at::Tensor& out) {
   weighted_sum_impl(tensors, weights, base, &out);
 }
-at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+at::Tensor fisher_merge_cpu(at::TensorList params, at::TensorList fishers, c10::optional<at::ArrayRef<double>> weights, double eps,
                             c10::string_view fallback) {
   return fisher_merge_impl(params, fishers, weights, eps, fallback, nullptr);
 }
-void fisher_merge_out_cpu(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+void fisher_merge_out_cpu(at::TensorList params, at::TensorList fishers, c10::optional<at::ArrayRef<double>> weights, double eps,
                           c10::string_view fallback, at::Tensor& out) {
   fisher_merge_impl(params, fishers, weights, eps, fallback, &out);
 }

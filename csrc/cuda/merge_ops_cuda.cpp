@@ -40,8 +40,10 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-at::Tensor weighted_sum_cuda(at::TensorList tensors, at::ArrayRef<double> weights, const c10::optional<at::Tensor>& base) {
+at::Tensor weighted_sum_cuda(at::TensorList tensors, c10::optional<at::ArrayRef<double>> weights_or_none,
+                             const c10::optional<at::Tensor>& base) {
   constexpr const char* op = "weighted_sum";
+  const std::vector<double> weights = resolve_weights(op, weights_or_none, tensors.size());
   check_weighted_sum_args(tensors, weights, base);
   check_cuda(op, tensors[0]);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
@@ -62,9 +64,10 @@ at::Tensor weighted_sum_cuda(at::TensorList tensors, at::ArrayRef<double> weight
   return out;
 }
 
-at::Tensor fisher_merge_cuda(at::TensorList params, at::TensorList fishers, at::ArrayRef<double> weights, double eps,
+at::Tensor fisher_merge_cuda(at::TensorList params, at::TensorList fishers, c10::optional<at::ArrayRef<double>> weights_or_none, double eps,
                              c10::string_view fallback) {
   constexpr const char* op = "fisher_merge";
+  const std::vector<double> weights = resolve_weights(op, weights_or_none, params.size());
   check_fisher_merge_args(params, fishers, weights, eps);
   check_cuda(op, params[0]);
   const c10::cuda::CUDAGuard guard(params[0].device());

@@ -8,7 +8,9 @@
 #ifdef __CUDACC__
 #define PYMERGE_HD __host__ __device__ __forceinline__
 #else
-#define PYMERGE_HD inline
+// static: internal linkage, so the copies compiled for AVX2 / AVX-512 (csrc/cpu/merge_kernels_*.cpp) can never
+// stand in for the base build's at link time.
+#define PYMERGE_HD static inline
 #endif
 
 namespace pymerge {

@@ -73,6 +73,14 @@ inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& r
   TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
 }
 
+// The weights of weighted_sum / fisher_merge: as given (one per model), or 1/M each when None (schema
+// `float[]? weights`, the Python wrappers' default).
+inline std::vector<double> resolve_weights(const char* op, c10::optional<at::ArrayRef<double>> weights, size_t m) {
+  if (!weights.has_value()) return std::vector<double>(m, m ? 1.0 / static_cast<double>(m) : 0.0);
+  check_count(op, "weights", weights->size(), m);
+  return std::vector<double>(weights->begin(), weights->end());
+}
+
 // ---- each op's argument checks, one place for the CPU and CUDA implementations ---------------------
 inline void check_weighted_sum_args(at::TensorList tensors, at::ArrayRef<double> weights,
                                     const c10::optional<at::Tensor>& base) {

@@ -1,0 +1,466 @@
+// The CPU kernels of the merge ops, compiled once per instruction set: included by merge_kernels_base.cpp,
+// merge_kernels_avx2.cpp and merge_kernels_avx512.cpp inside namespace pymerge::cpu::PYMERGE_ISA, after each
+// has set its target (#pragma GCC target). Torch-free and without std:: templates in the kernels, so nothing
+// compiled here can be shared with (and replace) a base-build copy at link time.
+//
+// The element-wise ops (weighted_sum, fisher_merge, dfmerge_combine) walk a chunk in blocks of kBlock elements
+// with fp32 accumulators on the stack. Models are taken up to four at a time: one vectorised pass over the block
+// reads four inputs and updates the accumulators once, so the accumulators (in L1) are loaded and stored once
+// per four models rather than once per model; for M <= 4 they are written once and read once by the finishing
+// pass. Accumulation order is model 0, 1, ..., as in the references of pymerge/ops.py.
+#include <cstdint>
+
+#include "pymerge/merge_math.h"
+#include "kernel_table.h"
+
+namespace {
+// Storage types of the kernels: fp32 as is, fp16 / bf16 as their bits.
+struct bf16_t { uint16_t x; };
+struct f16_t { uint16_t x; };
+
+constexpr int64_t kBlock = 1024;  // 4 KiB per fp32 accumulator: three of them stay in L1 with the input lines
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline uint32_t f_bits(float x) { uint32_t u; __builtin_memcpy(&u, &x, 4); return u; }
+inline float bits_f(uint32_t u) { float x; __builtin_memcpy(&x, &u, 4); return x; }
+
+// fp32 views of the storage types and back, branch-free (selects only) so the loops vectorise; c10's own
+// conversions branch on NaN / subnormals, which stops the vectoriser. All round to nearest even. (GCC 12 does not
+// vectorise _Float16 casts even with F16C; these bit-level conversions it does, 16 lanes at a time on AVX-512.)
+inline float to_f(float x) { return x; }
+inline float to_f(bf16_t x) { return bits_f(static_cast<uint32_t>(x.x) << 16); }
+inline float to_f(f16_t x) {
+  // After F. Giesen's half_to_float: rebias the exponent; Inf / NaN and subnormals are fixed up by selects.
+  const uint32_t h = x.x;
+  const uint32_t shifted = (h & 0x7fffu) << 13;
+  const uint32_t exp = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + 0x38000000u;                                        // (127 - 15) << 23
+  const uint32_t infnan = normal + 0x38000000u;                                         // exponent all ones
+  const uint32_t sub = f_bits(bits_f(normal + 0x00800000u) - bits_f(0x38800000u));     // renormalise
+  const uint32_t mag = exp == 0x0f800000u ? infnan : (exp == 0 ? sub : normal);
+  return bits_f(mag | ((h & 0x8000u) << 16));
+}
+
+template <typename T> inline T from_f(float x);
+template <> inline float from_f<float>(float x) { return x; }
+template <> inline bf16_t from_f<bf16_t>(float x) {
+  const uint32_t u = f_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return bf16_t{static_cast<uint16_t>(x != x ? 0x7fc0u : rounded)};
+}
+template <> inline f16_t from_f<f16_t>(float x) {
+  // After F. Giesen's float_to_half_fast3_rtne, with its branches turned into selects.
+  const uint32_t u = f_bits(x);
+  const uint32_t sign = (u & 0x80000000u) >> 16;
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;                              // NaN / overflow -> Inf
+  const float denorm_magic = bits_f(((127 - 15) + (23 - 10) + 1) << 23);
+  const uint32_t sub = f_bits(bits_f(a) + denorm_magic) - f_bits(denorm_magic);         // subnormal or zero
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;                    // rebias + round
+  const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? sub : normal);
+  return f16_t{static_cast<uint16_t>(h | sign)};
+}
+
+// |x| as an ordered key: the bits of |x| (non-negative floats order like their bit patterns); NaN -> +inf.
+inline uint32_t key_bits(uint32_t abs_bits) { return abs_bits > 0x7f800000u ? 0x7f800000u : abs_bits; }
+inline uint32_t magnitude_key(float x) { return key_bits(f_bits(x) & 0x7fffffffu); }
+inline uint32_t magnitude_key(bf16_t x) { return key_bits(static_cast<uint32_t>(x.x & 0x7fffu) << 16); }
+inline uint32_t magnitude_key(f16_t x) { return magnitude_key(to_f(x)); }
+
+// ---- weighted_sum: base + Σ w_i t_i ---------------------------------------------------------------
+enum Init { kFromAcc, kZero, kFromBase };
+
+template <int G, Init I, typename P>
+inline void ws_group(const P* const* x, const float* w, const P* base, int64_t b0, int64_t len, float* acc) {
+  const P* x0 = x[0] + b0; const P* x1 = x[G > 1 ? 1 : 0] + b0;
+  const P* x2 = x[G > 2 ? 2 : 0] + b0; const P* x3 = x[G > 3 ? 3 : 0] + b0;
+  const float w0 = w[0], w1 = G > 1 ? w[1] : 0.f, w2 = G > 2 ? w[2] : 0.f, w3 = G > 3 ? w[3] : 0.f;
+  const P* bp = base ? base + b0 : nullptr;
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    float a = I == kFromAcc ? acc[e] : (I == kFromBase ? to_f(bp[e]) : 0.f);
+    a += w0 * to_f(x0[e]);
+    if constexpr (G > 1) a += w1 * to_f(x1[e]);
+    if constexpr (G > 2) a += w2 * to_f(x2[e]);
+    if constexpr (G > 3) a += w3 * to_f(x3[e]);
+    acc[e] = a;
+  }
+}
+
+template <Init I, typename P>
+inline void ws_any(int g, const P* const* x, const float* w, const P* base, int64_t b0, int64_t len, float* acc) {
+  switch (g) {
+    case 4: ws_group<4, I>(x, w, base, b0, len, acc); break;
+    case 3: ws_group<3, I>(x, w, base, b0, len, acc); break;
+    case 2: ws_group<2, I>(x, w, base, b0, len, acc); break;
+    default: ws_group<1, I>(x, w, base, b0, len, acc); break;
+  }
+}
+
+template <typename P>
+void weighted_sum_chunk(const void* args, int64_t lo, int64_t hi) {
+  const auto& a = *static_cast<const pymerge::cpu::WeightedSumArgs*>(args);
+  const P* const* x = reinterpret_cast<const P* const*>(a.in);
+  const P* base = static_cast<const P*>(a.base);
+  P* out = static_cast<P*>(a.out);
+  alignas(64) float acc[kBlock];
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t len = min64(kBlock, hi - b0);
+    for (int i = 0; i < a.m; i += 4) {
+      const int g = a.m - i < 4 ? a.m - i : 4;
+      if (i > 0) ws_any<kFromAcc>(g, x + i, a.w + i, base, b0, len, acc);
+      else if (base) ws_any<kFromBase>(g, x + i, a.w + i, base, b0, len, acc);
+      else ws_any<kZero>(g, x + i, a.w + i, base, b0, len, acc);
+    }
+    P* o = out + b0;
+#pragma omp simd
+    for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(acc[e]);
+  }
+}
+
+// ---- fisher_merge: Σ λ_i F_i θ_i / Σ λ_i F_i with a zero-Fisher fallback ----------------------------
+template <int G, bool FIRST, bool AVG, typename P, typename F>
+inline void fisher_group(const P* const* x, const F* const* f, const float* w, int64_t b0, int64_t len, float* num,
+                         float* den, float* wp) {
+  const P* x0 = x[0] + b0; const P* x1 = x[G > 1 ? 1 : 0] + b0;
+  const P* x2 = x[G > 2 ? 2 : 0] + b0; const P* x3 = x[G > 3 ? 3 : 0] + b0;
+  const F* f0 = f[0] + b0; const F* f1 = f[G > 1 ? 1 : 0] + b0;
+  const F* f2 = f[G > 2 ? 2 : 0] + b0; const F* f3 = f[G > 3 ? 3 : 0] + b0;
+  const float w0 = w[0], w1 = G > 1 ? w[1] : 0.f, w2 = G > 2 ? w[2] : 0.f, w3 = G > 3 ? w[3] : 0.f;
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    float n = FIRST ? 0.f : num[e], d = FIRST ? 0.f : den[e], p = (FIRST || !AVG) ? 0.f : wp[e];
+    {
+      const float xv = to_f(x0[e]), wf = w0 * to_f(f0[e]);
+      n += wf * xv; d += wf;
+      if constexpr (AVG) p += w0 * xv;
+    }
+    if constexpr (G > 1) {
+      const float xv = to_f(x1[e]), wf = w1 * to_f(f1[e]);
+      n += wf * xv; d += wf;
+      if constexpr (AVG) p += w1 * xv;
+    }
+    if constexpr (G > 2) {
+      const float xv = to_f(x2[e]), wf = w2 * to_f(f2[e]);
+      n += wf * xv; d += wf;
+      if constexpr (AVG) p += w2 * xv;
+    }
+    if constexpr (G > 3) {
+      const float xv = to_f(x3[e]), wf = w3 * to_f(f3[e]);
+      n += wf * xv; d += wf;
+      if constexpr (AVG) p += w3 * xv;
+    }
+    num[e] = n; den[e] = d;
+    if constexpr (AVG) wp[e] = p;
+  }
+}
+
+template <bool FIRST, bool AVG, typename P, typename F>
+inline void fisher_any(int g, const P* const* x, const F* const* f, const float* w, int64_t b0, int64_t len,
+                       float* num, float* den, float* wp) {
+  switch (g) {
+    case 4: fisher_group<4, FIRST, AVG>(x, f, w, b0, len, num, den, wp); break;
+    case 3: fisher_group<3, FIRST, AVG>(x, f, w, b0, len, num, den, wp); break;
+    case 2: fisher_group<2, FIRST, AVG>(x, f, w, b0, len, num, den, wp); break;
+    default: fisher_group<1, FIRST, AVG>(x, f, w, b0, len, num, den, wp); break;
+  }
+}
+
+template <typename P, typename F, bool AVG>
+void fisher_blocks(const pymerge::cpu::FisherArgs& a, int64_t lo, int64_t hi) {
+  const P* const* x = reinterpret_cast<const P* const*>(a.p);
+  const F* const* f = reinterpret_cast<const F* const*>(a.f);
+  P* out = static_cast<P*>(a.out);
+  const float eps = a.eps, wsum = a.wsum;
+  alignas(64) float num[kBlock], den[kBlock], wp[kBlock];
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t len = min64(kBlock, hi - b0);
+    for (int i = 0; i < a.m; i += 4) {
+      const int g = a.m - i < 4 ? a.m - i : 4;
+      if (i == 0) fisher_any<true, AVG>(g, x, f, a.w, b0, len, num, den, wp);
+      else fisher_any<false, AVG>(g, x + i, f + i, a.w + i, b0, len, num, den, wp);
+    }
+    P* o = out + b0;
+    if constexpr (AVG) {
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(pymerge::fisher_finish(num[e], den[e], eps, wp[e] / wsum));
+    } else {
+      const P* x0 = x[0] + b0;  // re-read from cache: the block was just streamed
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(pymerge::fisher_finish(num[e], den[e], eps, to_f(x0[e])));
+    }
+  }
+}
+
+template <typename P, typename F>
+void fisher_merge_chunk(const void* args, int64_t lo, int64_t hi) {
+  const auto& a = *static_cast<const pymerge::cpu::FisherArgs*>(args);
+  if (a.average) fisher_blocks<P, F, true>(a, lo, hi);
+  else fisher_blocks<P, F, false>(a, lo, hi);
+}
+
+// ---- dfmerge_combine: θ_pre + M Σ F_i λ_i τ_i / Σ F_i, else θ_pre + Σ λ_i τ_i ------------------------
+template <int G, bool FIRST, typename P, typename F>
+inline void df_group(const P* const* t, const F* const* f, const float* lam, int64_t b0, int64_t len, float* num,
+                     float* den, float* plain) {
+  const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
+  const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
+  const F* f0 = f[0] + b0; const F* f1 = f[G > 1 ? 1 : 0] + b0;
+  const F* f2 = f[G > 2 ? 2 : 0] + b0; const F* f3 = f[G > 3 ? 3 : 0] + b0;
+  const float l0 = lam[0], l1 = G > 1 ? lam[1] : 0.f, l2 = G > 2 ? lam[2] : 0.f, l3 = G > 3 ? lam[3] : 0.f;
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    float n = FIRST ? 0.f : num[e], d = FIRST ? 0.f : den[e], p = FIRST ? 0.f : plain[e];
+    {
+      const float lt = l0 * to_f(t0[e]), ff = to_f(f0[e]);
+      n += ff * lt; d += ff; p += lt;
+    }
+    if constexpr (G > 1) {
+      const float lt = l1 * to_f(t1[e]), ff = to_f(f1[e]);
+      n += ff * lt; d += ff; p += lt;
+    }
+    if constexpr (G > 2) {
+      const float lt = l2 * to_f(t2[e]), ff = to_f(f2[e]);
+      n += ff * lt; d += ff; p += lt;
+    }
+    if constexpr (G > 3) {
+      const float lt = l3 * to_f(t3[e]), ff = to_f(f3[e]);
+      n += ff * lt; d += ff; p += lt;
+    }
+    num[e] = n; den[e] = d; plain[e] = p;
+  }
+}
+
+template <bool FIRST, typename P, typename F>
+inline void df_any(int g, const P* const* t, const F* const* f, const float* lam, int64_t b0, int64_t len,
+                   float* num, float* den, float* plain) {
+  switch (g) {
+    case 4: df_group<4, FIRST>(t, f, lam, b0, len, num, den, plain); break;
+    case 3: df_group<3, FIRST>(t, f, lam, b0, len, num, den, plain); break;
+    case 2: df_group<2, FIRST>(t, f, lam, b0, len, num, den, plain); break;
+    default: df_group<1, FIRST>(t, f, lam, b0, len, num, den, plain); break;
+  }
+}
+
+template <typename P, typename F>
+void dfmerge_combine_chunk(const void* args, int64_t lo, int64_t hi) {
+  const auto& a = *static_cast<const pymerge::cpu::DfmergeArgs*>(args);
+  const P* const* t = reinterpret_cast<const P* const*>(a.t);
+  const F* const* f = reinterpret_cast<const F* const*>(a.f);
+  const P* pre = static_cast<const P*>(a.pre);
+  P* out = static_cast<P*>(a.out);
+  const float mf = a.mf, eps = a.eps;
+  alignas(64) float num[kBlock], den[kBlock], plain[kBlock];
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t len = min64(kBlock, hi - b0);
+    for (int i = 0; i < a.m; i += 4) {
+      const int g = a.m - i < 4 ? a.m - i : 4;
+      if (i == 0) df_any<true>(g, t, f, a.lam, b0, len, num, den, plain);
+      else df_any<false>(g, t + i, f + i, a.lam + i, b0, len, num, den, plain);
+    }
+    const P* pr = pre + b0;
+    P* o = out + b0;
+#pragma omp simd
+    for (int64_t e = 0; e < len; ++e)
+      o[e] = from_f<P>(pymerge::dfmerge_finish(to_f(pr[e]), num[e], den[e], plain[e], mf, eps));
+  }
+}
+
+// ---- ties_merge: elect sign and disjoint mean of the trimmed values (thresholds given) ---------------
+// Trim on the integer magnitude key (the same test as ties_trim: |t| >= threshold, NaN kept), which vectorises
+// as two integer ops; sign election and the disjoint mean as in merge_math.h, models up to four at a time.
+inline float trim_key(float x, uint32_t thr_key) {
+  const uint32_t a = f_bits(x) & 0x7fffffffu;
+  return (a > 0x7f800000u ? 0x7f800000u : a) >= thr_key ? x : 0.f;
+}
+
+template <int G, bool FIRST, typename P>
+inline void ties_total(const P* const* t, const uint32_t* thr, int64_t b0, int64_t len, float* total) {
+  const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
+  const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
+  const uint32_t k0 = thr[0], k1 = G > 1 ? thr[1] : 0, k2 = G > 2 ? thr[2] : 0, k3 = G > 3 ? thr[3] : 0;
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    float s = FIRST ? 0.f : total[e];
+    s += trim_key(to_f(t0[e]), k0);
+    if constexpr (G > 1) s += trim_key(to_f(t1[e]), k1);
+    if constexpr (G > 2) s += trim_key(to_f(t2[e]), k2);
+    if constexpr (G > 3) s += trim_key(to_f(t3[e]), k3);
+    total[e] = s;
+  }
+}
+
+inline void agree_add(float total, float v, float& a, float& c) {
+  const bool agree = pymerge::ties_agrees(total, v);
+  a += agree ? v : 0.f;
+  c += agree ? 1.f : 0.f;
+}
+
+template <int G, bool FIRST, typename P>
+inline void ties_agree(const P* const* t, const uint32_t* thr, int64_t b0, int64_t len, const float* total,
+                       float* acc, float* cnt) {
+  const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
+  const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
+  const uint32_t k0 = thr[0], k1 = G > 1 ? thr[1] : 0, k2 = G > 2 ? thr[2] : 0, k3 = G > 3 ? thr[3] : 0;
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    float a = FIRST ? 0.f : acc[e], c = FIRST ? 0.f : cnt[e];
+    const float s = total[e];
+    agree_add(s, trim_key(to_f(t0[e]), k0), a, c);
+    if constexpr (G > 1) agree_add(s, trim_key(to_f(t1[e]), k1), a, c);
+    if constexpr (G > 2) agree_add(s, trim_key(to_f(t2[e]), k2), a, c);
+    if constexpr (G > 3) agree_add(s, trim_key(to_f(t3[e]), k3), a, c);
+    acc[e] = a; cnt[e] = c;
+  }
+}
+
+template <bool FIRST, typename P>
+inline void ties_total_any(int g, const P* const* t, const uint32_t* thr, int64_t b0, int64_t len, float* total) {
+  switch (g) {
+    case 4: ties_total<4, FIRST>(t, thr, b0, len, total); break;
+    case 3: ties_total<3, FIRST>(t, thr, b0, len, total); break;
+    case 2: ties_total<2, FIRST>(t, thr, b0, len, total); break;
+    default: ties_total<1, FIRST>(t, thr, b0, len, total); break;
+  }
+}
+
+template <bool FIRST, typename P>
+inline void ties_agree_any(int g, const P* const* t, const uint32_t* thr, int64_t b0, int64_t len,
+                           const float* total, float* acc, float* cnt) {
+  switch (g) {
+    case 4: ties_agree<4, FIRST>(t, thr, b0, len, total, acc, cnt); break;
+    case 3: ties_agree<3, FIRST>(t, thr, b0, len, total, acc, cnt); break;
+    case 2: ties_agree<2, FIRST>(t, thr, b0, len, total, acc, cnt); break;
+    default: ties_agree<1, FIRST>(t, thr, b0, len, total, acc, cnt); break;
+  }
+}
+
+template <typename P>
+void ties_merge_chunk(const void* args, int64_t lo, int64_t hi) {
+  const auto& a = *static_cast<const pymerge::cpu::TiesArgs*>(args);
+  const P* const* tp = reinterpret_cast<const P* const*>(a.t);
+  const P* pre = static_cast<const P*>(a.pre);
+  P* out = static_cast<P*>(a.out);
+  const float lam = a.lam;
+  uint32_t thr[pymerge::kMaxModels];
+  for (int i = 0; i < a.m; ++i) thr[i] = f_bits(a.thr[i]);
+  alignas(64) float total[kBlock], acc[kBlock], cnt[kBlock];
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t len = min64(kBlock, hi - b0);
+    for (int i = 0; i < a.m; i += 4) {
+      const int g = a.m - i < 4 ? a.m - i : 4;
+      if (i == 0) ties_total_any<true>(g, tp, thr, b0, len, total);
+      else ties_total_any<false>(g, tp + i, thr + i, b0, len, total);
+    }
+    for (int i = 0; i < a.m; i += 4) {
+      const int g = a.m - i < 4 ? a.m - i : 4;
+      if (i == 0) ties_agree_any<true>(g, tp, thr, b0, len, total, acc, cnt);
+      else ties_agree_any<false>(g, tp + i, thr + i, b0, len, total, acc, cnt);
+    }
+    const P* pr = pre + b0;
+    P* o = out + b0;
+#pragma omp simd
+    for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(to_f(pr[e]) + lam * pymerge::ties_mean(acc[e], cnt[e]));
+  }
+}
+
+// ---- TIES selection helpers ------------------------------------------------------------------------
+template <typename P>
+void ties_keys(const void* tv, int64_t start, int64_t stride, int64_t count, uint32_t* keys) {
+  const P* t = static_cast<const P*>(tv);
+  for (int64_t j = 0; j < count; ++j) keys[j] = magnitude_key(t[start + j * stride]);
+}
+
+template <typename P>
+void ties_hist(const void* tv, int64_t lo, int64_t hi, int pass, uint32_t high, uint32_t* h) {
+  const P* t = static_cast<const P*>(tv);
+  if (pass == 0) {
+    for (int64_t e = lo; e < hi; ++e) ++h[magnitude_key(t[e]) >> 16];
+  } else {
+    for (int64_t e = lo; e < hi; ++e) {
+      const uint32_t key = magnitude_key(t[e]);
+      if ((key >> 16) == high) ++h[key & 0xffffu];
+    }
+  }
+}
+
+#if defined(PYMERGE_AVX512)
+// 16 magnitude keys at once (AVX-512): the band pass below compresses the in-band keys with vpcompressd.
+inline __m512i keys16(const float* p) {
+  const __m512i u = _mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(0x7fffffff));
+  return _mm512_min_epu32(u, _mm512_set1_epi32(0x7f800000));
+}
+inline __m512i keys16(const bf16_t* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i u = _mm512_slli_epi32(_mm512_and_si512(h, _mm512_set1_epi32(0x7fff)), 16);
+  return _mm512_min_epu32(u, _mm512_set1_epi32(0x7f800000));
+}
+inline __m512i keys16(const f16_t* p) {
+  const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i u = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+  return _mm512_min_epu32(u, _mm512_set1_epi32(0x7f800000));
+}
+#endif
+
+template <typename P>
+pymerge::cpu::BandResult ties_band(const void* tv, int64_t lo, int64_t hi, uint32_t klo, uint32_t khi, uint32_t* cand,
+                                   int64_t cap) {
+  const P* t = static_cast<const P*>(tv);
+  int64_t above = 0, in_band = 0, stored = 0;
+  int64_t e = lo;
+#if defined(PYMERGE_AVX512)
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(klo)), vhi = _mm512_set1_epi32(static_cast<int>(khi));
+  for (; e + 16 <= hi; e += 16) {
+    const __m512i k = keys16(t + e);
+    above += __builtin_popcount(_mm512_cmpgt_epu32_mask(k, vhi));
+    const __mmask16 in = _mm512_cmpge_epu32_mask(k, vlo) & _mm512_cmple_epu32_mask(k, vhi);
+    if (in) {
+      const int c = __builtin_popcount(in);
+      in_band += c;
+      if (stored < cap) {  // room for 16 more: cand has cap + 64 slots
+        _mm512_storeu_si512(cand + stored, _mm512_maskz_compress_epi32(in, k));
+        stored += c;
+      }
+    }
+  }
+#endif
+  for (; e < hi; ++e) {
+    const uint32_t k = magnitude_key(t[e]);
+    above += k > khi;
+    const bool in = (k >= klo) & (k <= khi);
+    in_band += in;
+    cand[stored] = k;
+    stored += in & (stored < cap);
+  }
+  return {above, in_band, stored < in_band ? stored : in_band};
+}
+
+// ---- dare: drop with probability p (counter-based hash of (seed, index)), rescale by 1/(1-p) ----------
+template <typename P>
+void dare_chunk(const void* args, int64_t lo, int64_t hi) {
+  const auto& a = *static_cast<const pymerge::cpu::DareArgs*>(args);
+  const P* x = static_cast<const P*>(a.x);
+  P* o = static_cast<P*>(a.out);
+  const uint64_t key = a.key;
+  const uint32_t thr = a.threshold;
+  const float scale = a.scale;
+#pragma omp simd
+  for (int64_t e = lo; e < hi; ++e) o[e] = from_f<P>(pymerge::dare_apply(to_f(x[e]), key, e, thr, scale));
+}
+
+const pymerge::cpu::KernelTable kTable = {
+    PYMERGE_ISA_NAME,
+    {&weighted_sum_chunk<float>, &weighted_sum_chunk<f16_t>, &weighted_sum_chunk<bf16_t>},
+    {{&fisher_merge_chunk<float, float>, &fisher_merge_chunk<float, float>},
+     {&fisher_merge_chunk<f16_t, f16_t>, &fisher_merge_chunk<f16_t, float>},
+     {&fisher_merge_chunk<bf16_t, bf16_t>, &fisher_merge_chunk<bf16_t, float>}},
+    {{&dfmerge_combine_chunk<float, float>, &dfmerge_combine_chunk<float, float>},
+     {&dfmerge_combine_chunk<f16_t, f16_t>, &dfmerge_combine_chunk<f16_t, float>},
+     {&dfmerge_combine_chunk<bf16_t, bf16_t>, &dfmerge_combine_chunk<bf16_t, float>}},
+    {&ties_merge_chunk<float>, &ties_merge_chunk<f16_t>, &ties_merge_chunk<bf16_t>},
+    {&dare_chunk<float>, &dare_chunk<f16_t>, &dare_chunk<bf16_t>},
+    {&ties_band<float>, &ties_band<f16_t>, &ties_band<bf16_t>},
+    {&ties_hist<float>, &ties_hist<f16_t>, &ties_hist<bf16_t>},
+    {&ties_keys<float>, &ties_keys<f16_t>, &ties_keys<bf16_t>},
+};
+}  // namespace

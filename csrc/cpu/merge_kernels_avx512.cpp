@@ -1,0 +1,25 @@
+// The merge kernels compiled for AVX512 (picked at run time when the CPU has it: see merge_ops.cpp).
+// GCC on x86-64 only; elsewhere this table is absent and the base kernels run.
+#include "kernel_table.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#pragma GCC optimize("no-trapping-math")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own _mm512_undefined_* in avx512fintrin.h
+#include <immintrin.h>
+#define PYMERGE_AVX512 1
+#define PYMERGE_ISA_NAME "avx512"
+#include "merge_kernels.h"
+
+namespace pymerge {
+namespace cpu {
+const KernelTable* kernels_avx512() { return &kTable; }
+}  // namespace cpu
+}  // namespace pymerge
+#else
+namespace pymerge {
+namespace cpu {
+const KernelTable* kernels_avx512() { return nullptr; }
+}  // namespace cpu
+}  // namespace pymerge
+#endif
