@@ -7,7 +7,8 @@
 2. evaluate every fine-tuned model on every task (each task's own head on the model's body);
 3. baselines (pymerge.merge_state_dicts): averaging; task arithmetic and TIES with λ chosen on validation over
    the paper's grids; DARE on task arithmetic (grid over λ and the drop rate p); Fisher merging and mask-Fisher
-   merging (exact Fishers on unlabelled validation inputs);
+   merging (exact Fishers on unlabelled validation inputs); RegMean and MaTS (RegMean and K-FAC objectives) from
+   pymerge.stats Gram / K-FAC statistics of each fine-tuned model on labelled training inputs (cached in OUT/stats/);
 4. DF-Merge (pymerge.dfmerge) with EI and with UCB, and its two ablations (no Fisher, no search);
 5. the plots: each search's trajectory (paper Fig. 4) and the landscape of two tasks (Fig. 6);
 6. the table of test accuracies, printed and written to OUT/report.json (+ OUT/details.json: chosen
@@ -27,8 +28,8 @@ from typing import Dict, List, Optional, Sequence
 
 DEFAULT_OUT = "demo-out"
 DEMO_TASKS = ("sentiment", "topics", "language")
-ROWS_MERGED = ("average", "task_arithmetic", "ties", "dare", "fisher", "mask_fisher", "dfmerge_ei", "dfmerge_ucb",
-               "dfmerge_no_fisher", "dfmerge_no_search")
+ROWS_MERGED = ("average", "task_arithmetic", "ties", "dare", "fisher", "mask_fisher", "regmean", "mats_regmean",
+               "mats_kfac", "dfmerge_ei", "dfmerge_ucb", "dfmerge_no_fisher", "dfmerge_no_search")
 
 # The paper's grids (Lee et al. 2025, sec. 4.1): TA λ in [0, 1], TIES λ in [0.8, 1.8], step 0.1; DARE on TA
 # with the drop rate p in [0.1, 0.9], step 0.2.
@@ -49,6 +50,11 @@ class DemoSettings:
     max_steps: int = 300
     freeze_word_embeddings: bool = True   # a 30k-row table barely moves on a few hundred sentences; halves AdamW
     merge_fisher_examples: int = 100      # Fisher / mask-Fisher merging baselines
+    merge_stats_examples: int = 100       # RegMean / MaTS: Gram and K-FAC statistics on this many training inputs
+    regmean_alpha: float = 0.9            # RegMean's off-diagonal scale (Jin et al.'s default)
+    mats_lambda: Optional[float] = 0.3    # MaTS starts CG from task arithmetic at this λ (the paper's 0.3; None:
+                                          # the λ the task-arithmetic grid chose)
+    mats_iterations: int = 100            # most CG steps per layer (pymerge's default)
     fisher_examples: int = 30             # DF-Merge, per evaluation (the paper's 30)
     n_init: int = 10                      # DF-Merge: random points (paper: 10) ...
     n_iter: int = 6                       # ... then GP iterations (paper: 50; fewer to fit 15 minutes)
@@ -200,7 +206,7 @@ def _grid_search(name: str, points: List[dict], make_config, evaluator: Evaluato
 
 
 def run_baselines(base_model, finetuned, tasks, evaluator: Evaluator, settings: DemoSettings, progress: bool,
-                  timings: Dict[str, float]) -> Dict[str, dict]:
+                  timings: Dict[str, float], data: Dict[str, object], tokenizer, out_dir: Path) -> Dict[str, dict]:
     from tqdm.auto import tqdm
 
     import pymerge.fisher as pf
@@ -259,7 +265,63 @@ def run_baselines(base_model, finetuned, tasks, evaluator: Evaluator, settings: 
         cfg = {"merge_method": row, "models": [dict(m, parameters={"fisher": fishers[m["name"]]}) for m in members]}
         evaluator.set_body(merge_state_dicts(cfg).state_dict)
         record(row, None, evaluator.scores("validation"), evaluator.scores("test"), t0)
+
+    # RegMean and MaTS: Gram / K-FAC statistics of each fine-tuned model (cached), no coefficient search
+    lam_mats = lam_ta if settings.mats_lambda is None else settings.mats_lambda
+    for row, kind, cfg in (
+            ("regmean", "gram", {"merge_method": "regmean", "parameters": {"alpha": settings.regmean_alpha}}),
+            ("mats_regmean", "gram", {"merge_method": "mats", "base_model": base_model, "parameters": {
+                "objective": "regmean", "lambda": lam_mats, "iterations": settings.mats_iterations}}),
+            ("mats_kfac", "kfac", {"merge_method": "mats", "base_model": base_model, "parameters": {
+                "objective": "kfac", "lambda": lam_mats, "iterations": settings.mats_iterations}})):
+        t0 = time.perf_counter()
+        stats = {n: layer_statistics(finetuned[n], data[n], n, kind, tokenizer, settings, out_dir, progress)
+                 for n in names}
+        cfg = dict(cfg, models=[dict(m, parameters={"stats": stats[m["name"]]}) for m in members])
+        evaluator.set_body(merge_state_dicts(cfg).state_dict)
+        point = None if row == "regmean" else {"init_lambda": lam_mats}
+        record(row, point, evaluator.scores("validation"), evaluator.scores("test"), t0)
+        out[row]["stats"] = {n: str(stats_path(out_dir, n, kind)) for n in names}
     return out
+
+
+def stats_path(out_dir: Path, task: str, kind: str) -> Path:
+    return out_dir / "stats" / f"{task}.{kind}.safetensors"
+
+
+def layer_statistics(model, data, task: str, kind: str, tokenizer, settings: DemoSettings, out_dir: Path,
+                     progress: bool):
+    """`kind` (gram | kfac, K-FAC in its empirical mode: the labels) statistics of a fine-tuned model's linear
+    layers (not its task head) on the first `merge_stats_examples` training inputs; cached in OUT/stats/ and
+    reused while the model's weights, the inputs and the settings are the same."""
+    import pymerge.stats as ps
+    from pymerge.eval.classification import make_batches
+
+    examples = data.train[:settings.merge_stats_examples]
+    key = json.dumps({"examples": hashlib.sha256(json.dumps(examples).encode()).hexdigest()[:16],
+                      "max_length": settings.max_length, "batch_size": settings.batch_size}, sort_keys=True)
+    path = stats_path(out_dir, task, kind)
+    if path.is_file():
+        try:
+            cached = ps.load(path, kind=kind)
+            if (cached.metadata.get("pymerge_demo") == key
+                    and cached.metadata.get("weights") == ps.weights_fingerprint(model)):
+                _say(f"  {task}: reusing {path}")
+                return cached
+        except ValueError:  # unreadable or another kind: recompute and replace
+            pass
+    from tqdm.auto import tqdm
+
+    batches = list(make_batches(tokenizer, examples, settings.batch_size, settings.max_length))
+    batches = tqdm(batches, desc=f"{kind} statistics {task}", unit="batch", disable=not progress,
+                   dynamic_ncols=True)
+    stats = ps.collect(model, batches, kind=kind, exclude=[HEAD_MODULE])
+    stats.metadata["pymerge_demo"] = key
+    ps.save(path, stats, overwrite=True)
+    return stats
+
+
+HEAD_MODULE = "classifier"  # each task's own head: kept per task, not merged, so no statistics
 
 
 # ------------------------------------------------------------------------------------------ DF-Merge
@@ -404,9 +466,10 @@ def run_demo(out_dir: str = DEFAULT_OUT, settings: Optional[DemoSettings] = None
     timings["evaluate_finetuned"] = time.perf_counter() - t0
 
     # 3. baselines
-    _say("\n[3/5] baselines (λ chosen on validation over the paper's grids)")
+    _say("\n[3/5] baselines (λ chosen on validation over the paper's grids; Fisher, RegMean, MaTS: no search)")
     base_model = AutoModel.from_pretrained(base_path).eval()
-    baselines = run_baselines(base_model, finetuned, tasks, evaluator, settings, progress, timings)
+    baselines = run_baselines(base_model, finetuned, tasks, evaluator, settings, progress, timings, data=data,
+                              tokenizer=tokenizer, out_dir=out)
 
     # 4. DF-Merge and its ablations
     _say(f"\n[4/5] DF-Merge: {settings.n_init} random points + {settings.n_iter} GP iterations per search (the paper "

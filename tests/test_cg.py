@@ -191,3 +191,20 @@ def test_gram_objective_in_its_eigenbasis_takes_the_same_cg_steps():
     torch.testing.assert_close(rot.from_basis(fast.x), plain.x, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(fast.residuals, plain.residuals, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(fast.objectives, plain.objectives, rtol=1e-9, atol=1e-12)
+
+
+def test_fp32_rounding_of_a_low_rank_psd_factor_is_not_an_error():
+    """An fp32 average of outer products with a concentrated spectrum (nearly equal columns, like real K-FAC G
+    factors) has rounding eigenvalues below -1e-6 · max diag; it is PSD and must pass. A clearly negative
+    eigenvalue of the same size still fails."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(40, 1, generator=g) * torch.ones(1, 384) + 0.01 * torch.randn(40, 384, generator=g)
+    m = (z.T @ z / 40).float()
+    e = torch.linalg.eigvalsh(m.double())
+    assert e.min() < -1e-6 * m.diagonal().max()  # the case the old max-diagonal tolerance refused
+    check_spd_factors(m, "layer.5.output.dense", "kfac_out matrix")
+    v = torch.randn(384, 1, generator=g, dtype=torch.float64)
+    v /= v.norm()
+    bad = m.double() - 1e-2 * float(e.max()) * (v @ v.T)  # an eigenvalue of about -1e-2 λ_max
+    with pytest.raises(StatisticsError, match="layer.5.output.dense: kfac_out matrix is not positive"):
+        check_spd_factors(bad, "layer.5.output.dense", "kfac_out matrix")

@@ -8,8 +8,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROWS = {"average", "task_arithmetic", "ties", "dare", "fisher", "mask_fisher", "dfmerge_ei", "dfmerge_ucb",
-        "dfmerge_no_fisher", "dfmerge_no_search"}
+ROWS = {"average", "task_arithmetic", "ties", "dare", "fisher", "mask_fisher", "regmean", "mats_regmean", "mats_kfac",
+        "dfmerge_ei", "dfmerge_ucb", "dfmerge_no_fisher", "dfmerge_no_search"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def demo_run(tiny_base, tmp_path_factory):
     data = {"colours": _synthetic("colours", ["red", "green", "blue"], 16, 0),
             "animals": _synthetic("animals", ["cat", "dog"], 16, 1)}
     settings = DemoSettings(lr=3e-2, batch_size=8, max_steps=30, eval_every=5, patience=3, n_init=2, n_iter=1,
-                            fisher_examples=6, merge_fisher_examples=6, landscape_resolution=2, landscape_examples=6,
+                            fisher_examples=6, merge_fisher_examples=6, merge_stats_examples=12, landscape_resolution=2, landscape_examples=6,
                             ta_grid=(0.0, 0.5, 1.0), ties_grid=(0.8, 1.3), dare_p_grid=(0.1, 0.5),
                             freeze_word_embeddings=False)
     out = tmp_path_factory.mktemp("demo") / "out"
@@ -138,6 +138,106 @@ def test_rows_equal_an_independent_evaluation(demo_run, tiny_base):
         assert abs(report["rows"]["fisher"][t] - report["rows"]["dfmerge_no_search"][t]) <= 1 / len(data[t].test)
 
 
+def _linear_layers(stats_file):
+    import pymerge.stats as ps
+
+    stats = ps.load(stats_file)
+    return stats, {m: info for m, info in stats.layers.items()}
+
+
+def _augmented(state, info):
+    w = state[info["weight"]].double()
+    return torch.cat([w, state[info["bias"]].double()[:, None]], 1) if info["bias"] else w
+
+
+def _split_into(body, info, x):
+    if info["bias"]:
+        body[info["weight"]], body[info["bias"]] = x[:, :-1].float(), x[:, -1].float()
+    else:
+        body[info["weight"]] = x.float()
+
+
+@pytest.mark.slow
+def test_regmean_and_mats_rows_equal_an_independent_solve(demo_run, tiny_base):
+    """RegMean by its closed form, MaTS by a dense solve of Σ C_m θ = Σ C_m θ_m (C_m = Gram blocks or
+    G_out ⊗ A), both from the cached statistics files; the rows are the accuracies of those bodies."""
+    from transformers import AutoTokenizer, BertModel
+
+    out, report, data, settings = demo_run
+    names = list(data)
+    details = json.loads((out / "details.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    models = _heads_and_bodies(out, names)
+    bodies = [models[n].state_dict() for n in names]
+    keys = [k for k in bodies[0] if k.startswith("bert.")]
+    average = {k: sum(b[k] for b in bodies) / len(bodies) for k in keys}
+
+    def row_of(body):
+        return {t: _accuracy_with_body(models[t], body, tokenizer, data[t].test, settings.max_length) for t in data}
+
+    def flips_at_most_one(row, body):  # two solvers' float rounding may flip one prediction per task
+        got = row_of(body)
+        for t in data:
+            assert abs(got[t] - report["rows"][row][t]) <= 1 / len(data[t].test) + 1e-12, (row, t, got, report)
+        return got
+
+    grams = [_linear_layers(out / "stats" / f"{n}.gram.safetensors") for n in names]
+    kfacs = [_linear_layers(out / "stats" / f"{n}.kfac.safetensors") for n in names]
+    for stats, layers in grams + kfacs:  # statistics of the body's linear layers only, on the training inputs
+        assert layers and all(m.startswith("bert.") for m in layers)
+        assert int(stats.metadata["num_examples"]) == settings.merge_stats_examples
+    assert details["rows"]["regmean"]["stats"]["colours"].endswith("colours.gram.safetensors")
+
+    # RegMean: X = (Σ X_m G̃_m)(Σ G̃_m)^-1, G̃ = α G + (1 - α) diag(G); the rest of the body averaged
+    alpha = settings.regmean_alpha
+    body = dict(average)
+    for m, info in grams[0][1].items():
+        gs = [s[m + ".gram"].double() for s, _ in grams]
+        gs = [alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in gs]
+        xs = [_augmented(b, info) for b in bodies]
+        _split_into(body, info, torch.linalg.solve(sum(gs), sum(x @ g for x, g in zip(xs, gs)).T).T)
+    flips_at_most_one("regmean", body)
+    assert body[info["weight"]].sub(average[info["weight"]]).abs().max() > 1e-4  # not the average
+
+    # MaTS, regmean objective (α = 1): the same closed form with the full Grams
+    body = dict(average)
+    for m, info in grams[0][1].items():
+        gs = [s[m + ".gram"].double() for s, _ in grams]
+        xs = [_augmented(b, info) for b in bodies]
+        _split_into(body, info, torch.linalg.solve(sum(gs), sum(x @ g for x, g in zip(xs, gs)).T).T)
+    flips_at_most_one("mats_regmean", body)
+
+    # MaTS, K-FAC objective: Σ_m (G_m ⊗ A_m) vec(X) = Σ_m (G_m ⊗ A_m) vec(X_m), X row-major [k, d']. On this
+    # tiny model the system is singular and conditioned ~1e10 (few distinct inputs; in the last layer only the
+    # [CLS] row reaches the head), so its solutions differ widely and CG's 100 steps pick one. Instead: the same
+    # merge from the cached files gives the row (independent evaluation), and its body solves the system (a
+    # dense check of the residual, far below that of CG's start, task arithmetic at λ = mats_lambda).
+    from pymerge.engine import merge_state_dicts
+
+    base_model = BertModel.from_pretrained(tiny_base).eval()
+    base = {"bert." + k: v for k, v in base_model.state_dict().items()}
+    lam = details["rows"]["mats_kfac"]["chosen"]["init_lambda"]
+    cfg = {"merge_method": "mats", "base_model": base_model, "parameters": {
+        "objective": "kfac", "lambda": lam, "iterations": settings.mats_iterations},
+        "models": [{"model": models[n], "name": n, "parameters": {
+            "stats": str(out / "stats" / f"{n}.kfac.safetensors")}} for n in names]}
+    body = {k: v for k, v in merge_state_dicts(cfg).state_dict.items() if k.startswith("bert.")}
+    assert row_of(body) == {t: report["rows"]["mats_kfac"][t] for t in data}
+    for m, info in kfacs[0][1].items():
+        c = sum(torch.kron(s[m + ".kfac_out"].double(), s[m + ".kfac_in"].double()) for s, _ in kfacs)
+        rhs = sum(torch.kron(s[m + ".kfac_out"].double(), s[m + ".kfac_in"].double()) @ _augmented(b, info).reshape(-1)
+                  for (s, _), b in zip(kfacs, bodies))
+        x_base = _augmented(base, info).reshape(-1)
+        x0 = x_base + lam * sum(_augmented(b, info).reshape(-1) - x_base for b in bodies)
+        residual = (c @ _augmented(body, info).reshape(-1) - rhs).norm()
+        assert residual < 1e-2 * rhs.norm() and residual < 1e-2 * (c @ x0 - rhs).norm(), m
+    linear = {info[k] for _, layers in kfacs for info in layers.values() for k in ("weight", "bias") if info[k]}
+    for k in keys:  # the rest of the body: the average (others: average)
+        if k not in linear and body[k].is_floating_point():
+            torch.testing.assert_close(body[k], average[k], rtol=1e-5, atol=1e-6)
+    assert details["rows"]["mats_kfac"]["chosen"] == {"init_lambda": settings.mats_lambda}
+
+
 @pytest.mark.slow
 def test_second_run_reuses_the_fine_tuned_models(demo_run, tiny_base, capsys):
     from pymerge.demo import run_demo
@@ -148,6 +248,10 @@ def test_second_run_reuses_the_fine_tuned_models(demo_run, tiny_base, capsys):
     assert "reusing" in printed and "fine-tuning" in printed
     assert again["rows"]["finetuned:colours"] == report["rows"]["finetuned:colours"]
     assert again["rows"]["dfmerge_ei"] == report["rows"]["dfmerge_ei"]  # seeded search: same result
+    for kind in ("gram", "kfac"):  # the statistics were cached and reused, so the rows are the same
+        assert f"reusing {out / 'stats' / f'colours.{kind}.safetensors'}" in printed
+    for row in ("regmean", "mats_regmean", "mats_kfac"):
+        assert again["rows"][row] == report["rows"][row]
 
 
 def test_demo_command_without_the_demo_packages_says_how_to_get_them(monkeypatch, capsys, tmp_path):

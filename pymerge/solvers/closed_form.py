@@ -21,8 +21,11 @@ class StatisticsError(ValueError):
 def check_spd_factors(mats: torch.Tensor, label: str, what: str = "Gram matrix") -> None:
     """mats [..., d, d]: finite, symmetric and positive semi-definite, or a StatisticsError naming `label`.
 
-    PSD is tested by a Cholesky of M + δI with δ a small multiple of the largest diagonal entry (rounding of a
-    PSD matrix with zero directions, e.g. a constant input feature, must pass; a negative eigenvalue fails)."""
+    PSD is tested by a Cholesky of M + δI, δ = 1e-6 · trace(M) (≥ the largest diagonal entry): rounding of a PSD
+    matrix with zero directions (a constant input feature, a low-rank K-FAC factor) must pass, and an fp32 average
+    of outer products moves eigenvalues by ~eps32 · ||M||₂ ≤ eps32 · trace(M), far more than the largest diagonal
+    entry allows when the spectrum is concentrated (real MiniLM K-FAC G factors: λ_min ≈ -1e-6 · max diag); a
+    negative eigenvalue beyond rounding fails."""
     if not bool(torch.isfinite(mats).all()):
         raise StatisticsError(f"{label}: {what} contains NaN or Inf")
     m64 = mats.double()
@@ -33,7 +36,8 @@ def check_spd_factors(mats: torch.Tensor, label: str, what: str = "Gram matrix")
     if bool((m64.diagonal(dim1=-2, dim2=-1) < 0).any()):
         raise StatisticsError(f"{label}: {what} has negative diagonal entries, so it is not positive semi-definite")
     eye = torch.eye(m64.shape[-1], dtype=m64.dtype, device=m64.device)
-    _, info = torch.linalg.cholesky_ex(m64 + eye * (1e-6 * scale.unsqueeze(-1)))
+    trace = m64.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(1e-30)
+    _, info = torch.linalg.cholesky_ex(m64 + eye * (1e-6 * trace.unsqueeze(-1)))
     if bool((info != 0).any()):
         raise StatisticsError(f"{label}: {what} is not positive semi-definite (it has a negative eigenvalue); "
                               "statistics must be averages of outer products E[z zᵀ]")
