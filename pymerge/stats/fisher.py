@@ -5,8 +5,9 @@ One batched forward captures every layer's input Z (capture.LayerCapture); one b
 log-probabilities gives every layer's output gradient G; per-layer rules (rules.py) turn (Z, G) into per-example
 squared gradients, the Linear/Conv1D ones with the fused op `pymerge.ops.sq_grad_accumulate`.
 
-Modes: the expectation over y is exact (one pseudo-example per (example, outcome), its output gradient scaled by
-√p, all outcomes in one vmapped backward), sampled (num_samples draws y ~ p, each weighted 1/num_samples), or
+Modes: the expectation over y is exact (C - 1 pseudo-examples per example whose output gradients have the
+second moment of the C outcomes weighted by p, see logprobs.compact_exact_rounds; one per outcome scaled by √p
+for a user's log_prob_fn), sampled (num_samples draws y ~ p, each weighted 1/num_samples), or
 empirical (y = the label).
 """
 from __future__ import annotations
@@ -78,7 +79,7 @@ class _Estimator:
         self.acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in trainable.items()}
         self.count = 0
 
-    def batch(self, capture: LayerCapture, objective, batch, index: int) -> None:
+    def batch(self, capture: LayerCapture, objective, batch, index: int, compact: bool = False) -> None:
         capture.clear()
         capture.enabled = True
         with torch.enable_grad():
@@ -86,7 +87,7 @@ class _Estimator:
         capture.enabled = False  # rules may call modules again (generic VJP): not a capture
         n = out.log_probs.shape[0]
         gen = torch.Generator(device=out.log_probs.device).manual_seed(self.seed * 1_000_003 + index)
-        cot = logprobs.cotangents(out, self.mode, self.num_samples, gen, index)
+        cot = logprobs.cotangents(out, self.mode, self.num_samples, gen, index, compact=compact)
         calls = [c for c in capture.calls if c.output is not None]
         generic = set(self.plan.generic)
         for c in capture.calls:
@@ -242,7 +243,9 @@ def estimate(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]], mode:
         for index, batch in my_batches(batches, device):
             name, objective = logprobs.resolve(model, batch, kind, log_prob_fn)
             kind_name = kind_name or name
-            est.batch(capture, objective, batch, index)
+            # exact mode with the built-in objectives (log-softmax outputs, normalised as functions of θ): C - 1
+            # rounds (logprobs.compact_exact_rounds); a user's log_prob_fn keeps all C
+            est.batch(capture, objective, batch, index, compact=name != "custom")
     (total,) = all_reduce_sums(est.acc, [float(est.count)])
     kind_name = gather_first(kind_name)
     total = int(total)

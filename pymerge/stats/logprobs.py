@@ -231,11 +231,41 @@ def check_mode(mode: str, num_samples: int = 1) -> None:
         raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}")
 
 
-def cotangents(out: Outcomes, mode: str, num_samples: int, generator: torch.Generator, index: int) -> torch.Tensor:
+def compact_exact_rounds(p: torch.Tensor) -> torch.Tensor:
+    """[M, C] probabilities -> [M, max(C - 1, 1), C] vectors a_k with Σ_k a_k a_kᵀ = diag(p) - p pᵀ (in float64).
+
+    Why this gives the exact Fisher with one round fewer: for a normalised distribution the score has mean zero,
+    Σ_c p_c ∇log p_c = 0, so E_y (∇log p_y)² = Σ_{a,b} (diag(p))_ab J_a∘J_b equals the same sum with
+    diag(p) - p pᵀ (the added term is (Σ_a p_a J_a)² = 0). That matrix is the covariance of a one-hot draw and
+    has rank C - 1; its stick-breaking (Cholesky) factor is a_k = √(p_k q_{k+1} / q_k) (e_k - Σ_{j>k} p_j e_j /
+    q_{k+1}) with q_k = Σ_{j>=k} p_j. Each a_k sums to zero, so the log-softmax backward passes it unchanged.
+    Every round is still a square, so nothing cancels: binary classification costs one backward instead of two.
+    """
+    p = p.double()
+    p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    m, c = p.shape
+    if c < 2:
+        return torch.zeros(m, 1, c, dtype=torch.float64, device=p.device)
+    q = p.flip(-1).cumsum(-1).flip(-1)  # q[:, k] = Σ_{j>=k} p_j, summed from the small tail up (no cancellation)
+    q_next = q[:, 1:]  # q_{k+1}, k = 0..C-2
+    head = torch.where(q[:, :-1] > 0, p[:, :-1] * q_next / q[:, :-1], torch.zeros_like(q_next)).sqrt()  # [M, C-1]
+    ratio = torch.where(q_next[:, :, None] > 0, p[:, None, :] / q_next[:, :, None].clamp(min=1e-300),
+                        torch.zeros(1, dtype=p.dtype, device=p.device))  # [M, C-1, C]: p_j / q_{k+1}
+    k = torch.arange(c - 1, device=p.device)[:, None]
+    j = torch.arange(c, device=p.device)[None, :]
+    shape = torch.where(j == k, torch.ones(1, dtype=p.dtype, device=p.device),
+                        torch.where(j > k, -ratio, torch.zeros(1, dtype=p.dtype, device=p.device)))
+    return head[:, :, None] * shape
+
+
+def cotangents(out: Outcomes, mode: str, num_samples: int, generator: torch.Generator, index: int,
+               compact: bool = False) -> torch.Tensor:
     """[R, N, F, C] output gradients of the log-probabilities, one slice per pseudo-example round R, such that
     Σ_r (∂/∂θ <cot_r, log p>)² is the per-example E_y (∂ log p(y)/∂θ)² of the mode: empirical (R = 1, the label),
-    exact (R = C, class c scaled by √p_c) or sampled (R = num_samples draws, each scaled by 1/√num_samples).
-    Sampled draws use `generator` (seeded by the caller: seed * 1_000_003 + batch index)."""
+    exact (R = C, class c scaled by √p_c; with compact=True R = C - 1 rounds of `compact_exact_rounds`, valid
+    when log p is a normalised distribution as a function of θ, e.g. a log-softmax) or sampled (R = num_samples
+    draws, each scaled by 1/√num_samples). Sampled draws use `generator` (seeded by the caller: seed * 1_000_003
+    + batch index)."""
     lp = out.log_probs
     n, f, c = lp.shape
     mask = out.mask.to(lp.dtype)
@@ -254,6 +284,9 @@ def cotangents(out: Outcomes, mode: str, num_samples: int, generator: torch.Gene
         if f > 1:
             raise ValueError("mode='exact' enumerates one categorical outcome per example (classification, multiple "
                              "choice); token-level LM statistics need mode='sampled' or 'empirical'")
+        if compact:
+            rounds = compact_exact_rounds(p.reshape(n * f, c)).to(lp.dtype)  # [N F, R, C]
+            return rounds.reshape(n, f, -1, c).permute(2, 0, 1, 3) * mask[None, ..., None]
         eye = torch.eye(c, dtype=lp.dtype, device=lp.device)  # round k: class k with output gradient × √p_k
         return eye[:, None, None, :] * (p.sqrt() * mask[..., None]).permute(2, 0, 1)[..., None]
     if mode != "sampled":
