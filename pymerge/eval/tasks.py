@@ -224,6 +224,42 @@ class Task:
                 batch["labels"] = torch.tensor([items[lo + j].label for j in range(len(chunk))], dtype=torch.long)
             yield batch
 
+    def sorted_batches(self, model, split: str = "validation", batch_size: Optional[int] = None
+                       ) -> Tuple[List[Dict[str, torch.Tensor]], List[int]]:
+        """(unlabelled CPU batches, order) of `split` for evaluation: the examples sorted by token length (stable)
+        so that a batch pads to lengths near its own, collated once and kept (the search scores the same sets
+        every evaluation); order[k] is the example index of the k-th row over all batches. Sorting only
+        regroups examples: an example's padded positions are masked, so its scores do not depend on its batch."""
+        items = self.split(split)
+        arch = "seq2seq" if _is_encoder_decoder(model) else "causal"
+        pad = _pad_id(model, self.tokenizer)
+        bs = batch_size or self.batch_size
+        key = ("sorted", split, arch, len(items), pad, bs)
+        if key not in self._cache:
+            encoded = self._encoded(split, arch, items)
+            order = sorted(range(len(encoded)), key=lambda k: self._length(encoded[k], arch))
+            batches = []
+            for lo in range(0, len(order), bs):
+                chunk = [encoded[k] for k in order[lo:lo + bs]]
+                if self.kind == "classification":
+                    batches.append(_collate_classification(chunk, pad))
+                elif arch == "seq2seq":
+                    batches.append(_collate_seq2seq(chunk, pad))
+                else:
+                    batches.append(_collate_causal(chunk, pad, self.max_length))
+            self._cache[key] = (batches, order)
+        return self._cache[key]
+
+    def _length(self, enc, arch: str) -> Tuple[int, int]:
+        """The padded width an encoded example needs: its tokens, or (context, longest answer) for choices."""
+        if self.kind == "classification":
+            return len(enc["input_ids"]), 0
+        ctx, answers = enc
+        if arch == "seq2seq":
+            return len(ctx), max(len(a) for a in answers)
+        # a causal row is the context cut to fit max_length, then the answer (as _collate_causal builds it)
+        return max(min(len(ctx), max(1, self.max_length - len(a))) + len(a) for a in answers), 0
+
     def _encoded(self, split: str, arch: str, items: List[_Item]) -> list:
         key = (split, arch, len(items))
         if key not in self._cache:
@@ -319,27 +355,35 @@ def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def predict(model, task: Task, split: str = "validation", batch_size: Optional[int] = None
-            ) -> Tuple[List[int], List[int]]:
-    """(predicted class / answer indices, labels) of `model` on a split of `task`, batched, in eval mode."""
+def _scores(model, task: Task, batch) -> torch.Tensor:
+    if task.kind == "classification":
+        return scoring.class_logits(model, batch)
+    return scoring.choice_log_probs(model, batch, task.length_normalize)
+
+
+def predict(model, task: Task, split: str = "validation", batch_size: Optional[int] = None,
+            sort_by_length: bool = True) -> Tuple[List[int], List[int]]:
+    """(predicted class / answer indices, labels) of `model` on a split of `task`, batched, in eval mode, in the
+    split's order. sort_by_length (default): batches of similar lengths, collated once and cached on the task
+    (Task.sorted_batches), and one device sync at the end; False: batches in the split's order."""
     device = _device(model)
     was_training = model.training
     model.eval()
-    preds: List[int] = []
-    labels: List[int] = []
     try:
-        for batch in task.batches(model, split, batch_size):
-            y = batch.pop("labels")
-            batch = _to(batch, device)
-            if task.kind == "classification":
-                scores = scoring.class_logits(model, batch)
-            else:
-                scores = scoring.choice_log_probs(model, batch, task.length_normalize)
-            preds += scores.argmax(-1).tolist()
-            labels += y.tolist()
+        if not sort_by_length:
+            preds: List[int] = []
+            for batch in task.batches(model, split, batch_size, labels=False):
+                preds += _scores(model, task, _to(batch, device)).argmax(-1).tolist()
+        else:
+            batches, order = task.sorted_batches(model, split, batch_size)
+            top = [_scores(model, task, _to(b, device)).argmax(-1) for b in batches]
+            ranked = torch.cat(top).tolist()  # one .tolist() (a device sync), not one per batch
+            preds = [0] * len(order)
+            for row, k in enumerate(order):
+                preds[k] = ranked[row]
     finally:
         model.train(was_training)
-    return preds, labels
+    return preds, [item.label for item in task.split(split)]
 
 
 def evaluate(model, task: Task, split: str = "validation", batch_size: Optional[int] = None) -> float:
