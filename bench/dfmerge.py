@@ -8,12 +8,16 @@ The baseline is a plain-PyTorch rendering of the seed code's loop: per iteration
 built and loaded with θ_pre + λ_i τ_i; the exact Fisher is taken one example and one class at a time (one
 backward per (example, class), weighted by p_c); eq. 8 is a Python loop over the state dict; a fresh model per
 task is built for the evaluation. pymerge: one working model, parameters written in place, the batched Fisher
-engine, the fused `dfmerge_combine(out=)`, batched evaluation with head swaps (pymerge.search.DFMergeObjective).
+engine (exact expectation in C - 1 compact rounds, accumulated into reused buffers), the fused
+`dfmerge_combine(out=)`, length-sorted evaluation batches collated once, with head swaps
+(pymerge.search.DFMergeObjective).
 
-Both run the same λ in one process, side by side; the merged weights and the metrics are checked equal.
+Both run the same λ in one process, side by side, wall and CPU seconds (time.process_time) per phase; the
+Fishers, the merged weights, the metrics and every example's prediction are checked equal.
 
     PYTHONPATH=. python bench/dfmerge.py            # 2 iterations each
     PYTHONPATH=. python bench/dfmerge.py --quick    # 1 iteration each, 10 Fisher inputs
+    PYTHONPATH=. python bench/dfmerge.py --threads 1 --iterations 1   # steadier on a loaded machine
 """
 from __future__ import annotations
 
@@ -126,7 +130,7 @@ class SeedLoop:
     def evaluate(self, merged):
         from pymerge.eval.metrics import accuracy
 
-        out = {}
+        out, self.last_preds = {}, {}
         for i, task in enumerate(self.tasks):
             state = dict(self.fts[i])
             state.update(merged)
@@ -140,18 +144,46 @@ class SeedLoop:
                 preds += model(**enc).logits.argmax(-1).tolist()
                 labels += [it.label for it in chunk]
             out[task.name] = accuracy(preds, labels)
+            self.last_preds[task.name] = preds
         return out
 
     def __call__(self, lambdas):
-        t0 = time.perf_counter()
+        clock = PhaseClock()
         fishers = [self.fisher(i, lam) for i, lam in enumerate(lambdas)]
-        t1 = time.perf_counter()
+        clock.lap("fisher")
         merged = self.combine(lambdas, fishers)
-        t2 = time.perf_counter()
+        clock.lap("combine")
         metrics = self.evaluate(merged)
-        t3 = time.perf_counter()
+        clock.lap("evaluate")
         self.last_fishers = fishers
-        return metrics, merged, {"fisher": t1 - t0, "combine": t2 - t1, "evaluate": t3 - t2}
+        return metrics, merged, clock
+
+
+class PhaseClock:
+    """Wall and CPU seconds (time.process_time: all threads of this process) per phase; CPU seconds are less
+    sensitive to other jobs on a shared machine than wall seconds (though spinning OpenMP threads count)."""
+
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+        self._w, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, phase):
+        w, c = time.perf_counter(), time.process_time()
+        self.wall[phase], self.cpu[phase] = w - self._w, c - self._c
+        self._w, self._c = w, c
+
+
+def run_ours(obj, lambdas):
+    """One DFMergeObjective evaluation, phase by phase as DFMergeObjective.evaluate_fixed runs it, with both
+    clocks (the objective itself reports wall seconds only)."""
+    clock = PhaseClock()
+    fishers = [obj.fisher_at(i, lam) for i, lam in enumerate(lambdas)]
+    clock.lap("fisher")
+    obj.combine(lambdas, fishers)
+    clock.lap("combine")
+    metrics = obj.score("validation")
+    clock.lap("evaluate")
+    return metrics, clock
 
 
 def main(argv=None):
@@ -161,7 +193,12 @@ def main(argv=None):
     ap.add_argument("--validation", type=int, default=64, help="validation examples per task")
     ap.add_argument("--quick", action="store_true", help="1 iteration, 10 Fisher inputs, 32 validation examples")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both contenders (default: torch's). On a loaded shared machine 1 thread "
+                         "gives far steadier numbers: a descheduled OpenMP thread stalls every parallel op")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.iterations, args.fisher_examples, args.validation = 1, 10, 32
     from pymerge.search.objective import DFMergeObjective
@@ -178,12 +215,19 @@ def main(argv=None):
     t = time.perf_counter()
     ours([0.5] * len(tasks))
     print(f"pymerge warm-up iteration (not counted): {time.perf_counter() - t:.3f} s", flush=True)
+    from pymerge.eval.tasks import predict
+
     rows = []
     for it in range(args.iterations):
         lambdas = [round(rng.uniform(0.2, 1.0), 3) for _ in tasks]
-        m_ours, _, s_ours = ours(lambdas)
+        load = os.getloadavg()[0]
+        m_ours, c_ours = run_ours(ours, lambdas)
         merged_ours = ours.merged_state()
-        m_seed, merged_seed, s_seed = seed(lambdas)
+        preds_ours = {}
+        for i, task in enumerate(tasks):  # per-example predictions (untimed), for the equality check below
+            ours.use_head(i)
+            preds_ours[task.name] = predict(ours.model, task)[0]
+        m_seed, merged_seed, c_seed = seed(lambdas)
         # equal results: the Fishers to fp32 rounding, the merged weights wherever the merge is well defined
         # (ΣF clear of eps: at ΣF ≈ eps, rounding may flip an element between eq. 8 and the plain-sum fallback)
         f_rel, max_abs = 0.0, 0.0
@@ -199,21 +243,27 @@ def main(argv=None):
             boundary += int((~clear).sum())
             max_abs = max(max_abs, float((merged_ours[k] - merged_seed[k])[clear].abs().max()))
         same_metrics = m_ours == m_seed
+        same_preds = preds_ours == seed.last_preds
         print(f"  Fisher max |diff| / max|F| {f_rel:.1e}; merged weights max |diff| {max_abs:.1e} "
               f"(excluding {boundary} elements with ΣF within 4x of eps)")
-        rows.append((s_ours, s_seed))
-        print(f"iteration {it}: λ={lambdas}  metrics equal: {same_metrics} ({m_ours})", flush=True)
-        for phase in ("fisher", "combine", "evaluate"):
-            print(f"  {phase:9s} pymerge {s_ours[phase]:8.3f} s   seed loop {s_seed[phase]:8.3f} s   "
-                  f"{s_seed[phase] / max(s_ours[phase], 1e-9):6.1f}x")
-        t_ours, t_seed = sum(s_ours.values()), sum(s_seed.values())
-        print(f"  {'total':9s} pymerge {t_ours:8.3f} s   seed loop {t_seed:8.3f} s   {t_seed / t_ours:6.1f}x")
-        if not same_metrics or max_abs > 1e-4 or f_rel > 1e-3:
-            raise SystemExit(f"results differ: metrics {m_ours} vs {m_seed}, merged max |diff| {max_abs}, "
-                             f"Fisher rel {f_rel}")
-    tot_o = sum(sum(o.values()) for o, _ in rows) / len(rows)
-    tot_s = sum(sum(s.values()) for _, s in rows) / len(rows)
-    print(f"mean seconds per iteration: pymerge {tot_o:.3f}, seed loop {tot_s:.3f}: {tot_s / tot_o:.1f}x faster")
+        rows.append((c_ours, c_seed))
+        print(f"iteration {it}: λ={lambdas}  load {load:.1f} -> {os.getloadavg()[0]:.1f}  metrics equal: "
+              f"{same_metrics} ({m_ours}), per-example predictions equal: {same_preds}", flush=True)
+        print(f"  {'phase':9s} {'pymerge wall':>12s} {'seed wall':>10s} {'ratio':>6s}   "
+              f"{'pymerge cpu':>11s} {'seed cpu':>9s} {'ratio':>6s}")
+        for phase in ("fisher", "combine", "evaluate", "total"):
+            w_o, w_s, u_o, u_s = (sum(d.values()) if phase == "total" else d[phase]
+                                  for d in (c_ours.wall, c_seed.wall, c_ours.cpu, c_seed.cpu))
+            print(f"  {phase:9s} {w_o:10.3f} s {w_s:8.3f} s {w_s / max(w_o, 1e-9):5.1f}x   "
+                  f"{u_o:9.3f} s {u_s:7.3f} s {u_s / max(u_o, 1e-9):5.1f}x")
+        if not same_metrics or not same_preds or max_abs > 1e-4 or f_rel > 1e-3:
+            raise SystemExit(f"results differ: metrics {m_ours} vs {m_seed}, predictions equal {same_preds}, "
+                             f"merged max |diff| {max_abs}, Fisher rel {f_rel}")
+    for clock in ("wall", "cpu"):
+        tot_o = sum(sum(getattr(o, clock).values()) for o, _ in rows) / len(rows)
+        tot_s = sum(sum(getattr(s, clock).values()) for _, s in rows) / len(rows)
+        print(f"mean {clock} seconds per iteration: pymerge {tot_o:.3f}, seed loop {tot_s:.3f}: "
+              f"{tot_s / tot_o:.1f}x faster")
 
 
 if __name__ == "__main__":
