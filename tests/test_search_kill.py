@@ -1,6 +1,7 @@
 """`pymerge search` killed with SIGKILL and resumed with --resume ends where an uninterrupted run ends.
 
-The search runs as a real subprocess on tiny BERT checkpoints on disk. It is killed twice: once from outside
+The search runs in a real child process (forked from a forkserver that imported torch once) on tiny BERT
+checkpoints on disk. It is killed twice: once from outside
 (kill -9 when its trial log holds a random number of finished evaluations), once in the middle of writing a
 trial line (the driver writes half the line, fsyncs it and SIGKILLs itself: what kill -9 at that instant
 leaves). Then --resume runs to the end. The final λ, metrics, report and whole trajectory equal the
@@ -11,7 +12,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,43 +22,48 @@ import torch
 from pymerge import cli
 from tests import engine_models as em
 
-ROOT = Path(__file__).resolve().parents[1]
 N_INIT, N_ITER = 3, 4
 N = N_INIT + N_ITER
 
-# Runs `pymerge search ...` (pymerge.cli.main) with two test hooks installed from outside the package:
-# every evaluation the search starts is appended to $KILL_TEST_CALLS, and with $KILL_TEST_CUT_TRIAL=j the
-# trial log's append of trial j writes half its line, fsyncs, and the process SIGKILLs itself.
-DRIVER = r"""
-import json, os, signal, sys
-import torch
-torch.set_num_threads(1)
-from pymerge.search import log as trial_log
-from pymerge.search.objective import DFMergeObjective
+# The search processes are forked from a multiprocessing forkserver that imported torch, transformers and
+# pymerge once (a fresh interpreter per run would spend most of this test importing them). Each runs
+# `pymerge search ...` (pymerge.cli.main) with two test hooks installed from outside the package: every
+# evaluation the search starts is appended to `calls`, and with cut=j the trial log's append of trial j writes
+# half its line, fsyncs, and the process SIGKILLs itself.
+PRELOAD = ["torch", "transformers", "transformers.models.bert.modeling_bert",
+           "transformers.models.bert.tokenization_bert", "pymerge.cli", "pymerge.search.api",
+           "pymerge.search.config", "pymerge.engine", "tests.engine_models"]
 
-calls, real_call = os.environ["KILL_TEST_CALLS"], DFMergeObjective.__call__
 
-def counted(self, lambdas):
-    with open(calls, "a") as f:
-        f.write(json.dumps([float(v) for v in lambdas]) + "\n")
-    return real_call(self, lambdas)
+def _search_process(argv, calls, cut, output):
+    import torch
 
-DFMergeObjective.__call__ = counted
-cut, real_append = os.environ.get("KILL_TEST_CUT_TRIAL"), trial_log.TrialLog.append
+    from pymerge.search import log as trial_log
+    from pymerge.search.objective import DFMergeObjective
 
-def append(self, record):
-    if cut is not None and record.get("trial") == int(cut):
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        self._file.write(line[: len(line) // 2])
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_append(self, record)
+    torch.set_num_threads(1)
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    real_call, real_append = DFMergeObjective.__call__, trial_log.TrialLog.append
 
-trial_log.TrialLog.append = append
-from pymerge import cli
-sys.exit(cli.main(sys.argv[1:]))
-"""
+    def counted(self, lambdas):
+        with open(calls, "a") as f:
+            f.write(json.dumps([float(v) for v in lambdas]) + "\n")
+        return real_call(self, lambdas)
+
+    def append(self, record):
+        if cut is not None and record.get("trial") == cut:
+            line = (json.dumps(record, sort_keys=True) + "\n").encode()
+            self._file.write(line[: len(line) // 2])
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_append(self, record)
+
+    DFMergeObjective.__call__ = counted
+    trial_log.TrialLog.append = append
+    sys.exit(cli.main([str(a) for a in argv]))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,13 +104,18 @@ parameters: {{optimizer: gp-ei, n_init: {N_INIT}, n_iter: {N_ITER}, fisher_examp
 
 
 def _driver(argv, calls, cut=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "KILL_TEST_CALLS": str(calls)}
-    env.pop("KILL_TEST_CUT_TRIAL", None)
-    if cut is not None:
-        env["KILL_TEST_CUT_TRIAL"] = str(cut)
-    return subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, argv)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    proc = ctx.Process(target=_search_process, args=(argv, str(calls), cut, str(calls) + ".out"), daemon=True)
+    proc.start()
+    return proc
+
+
+def _output(calls):
+    path = Path(str(calls) + ".out")
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
 def _finished_lines(log):
@@ -139,18 +149,19 @@ def test_search_killed_twice_with_sigkill_resumes_to_the_uninterrupted_result(tm
     rng = random.Random()
     seed = rng.randrange(10 ** 6)
     rng = random.Random(seed)
-    out, log, calls = tmp_path / "out", tmp_path / "out.trials.jsonl", tmp_path / "calls"
+    out, log = tmp_path / "out", tmp_path / "out.trials.jsonl"
     argv = ["search", cfg, "-o", out, "--no-progress"]
 
     # 1. kill -9 from outside once the log holds k finished evaluations
     k = rng.randrange(1, N - 2)
     proc = _driver(argv, tmp_path / "calls1")
     deadline = time.monotonic() + 300
-    while len(_finished_lines(log)) < k and proc.poll() is None and time.monotonic() < deadline:
+    while len(_finished_lines(log)) < k and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, (seed, err.decode()[-2000:])
+    assert proc.is_alive(), (seed, k, _output(tmp_path / "calls1"))  # (it ended before the kill)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL, (seed, _output(tmp_path / "calls1"))
     first = _finished_lines(log)
     done = len(first)
     assert k <= done < N and not out.exists(), (seed, done)
@@ -160,8 +171,8 @@ def test_search_killed_twice_with_sigkill_resumes_to_the_uninterrupted_result(tm
     # 2. --resume, killed in the middle of writing trial j's line
     j = rng.randrange(done, N)
     proc = _driver(argv + ["--resume"], tmp_path / "calls2", cut=j)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, (seed, err.decode()[-2000:])
+    proc.join(300)
+    assert proc.exitcode == -signal.SIGKILL, (seed, _output(tmp_path / "calls2"))
     assert not log.read_bytes().endswith(b"\n"), "the log should end in a half-written line"
     second = _finished_lines(log)
     assert [r["trial"] for r in second] == list(range(j)), seed
@@ -169,8 +180,8 @@ def test_search_killed_twice_with_sigkill_resumes_to_the_uninterrupted_result(tm
 
     # 3. --resume to the end
     proc = _driver(argv + ["--resume"], tmp_path / "calls3")
-    stdout, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, (seed, err.decode()[-2000:])
+    proc.join(300)
+    assert proc.exitcode == 0, (seed, _output(tmp_path / "calls3"))
     assert _calls(tmp_path / "calls3") == lambdas[j:], seed  # trial j's line never finished: evaluated again
     final = _finished_lines(log)
     assert [r["trial"] for r in final] == list(range(N)), seed  # each trial logged exactly once, in order
@@ -181,7 +192,7 @@ def test_search_killed_twice_with_sigkill_resumes_to_the_uninterrupted_result(tm
     assert _strip(got["trials"]) == _strip(ref["trials"]), seed
     # the elapsed search time goes on across the runs (the budget counts it): never backwards
     assert all(a["elapsed"] <= b["elapsed"] for a, b in zip(final, final[1:]))
-    assert b"best \xce\xbb" in stdout
+    assert "best λ" in _output(tmp_path / "calls3")
     # the written model is the uninterrupted run's
     ref_w, got_w = em.load_dir(ref_out), em.load_dir(out)
     assert ref_w.keys() == got_w.keys() and all(torch.equal(ref_w[n], got_w[n]) for n in ref_w)
