@@ -19,6 +19,10 @@ continues from it without repeating finished evaluations.
       parameters: {validation: qasc-val.jsonl, kind: multiple_choice, choices: ["yes", "no"]}
   parameters: {optimizer: gp-ei, n_init: 10, n_iter: 50, seed: 0, fisher_examples: 30}
 
+Parameters also choose the wall-clock budget (time_budget: seconds of search, counted across --resume from the
+trial log), patience, and parallel workers (workers: N, backend: local | ray, ray_address, ray_options; Ray
+needs `pip install pymerge[ray]`).
+
 Data files are the JSONL / CSV files `pymerge fisher --data` reads (columns text [, text_pair], label; for
 multiple choice, label = the index or text of the right answer, and choices per task or a JSON list column).
 
@@ -33,6 +37,11 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue the search recorded in the trial log")
     p.add_argument("--force", action="store_true",
                    help="replace OUT if it exists, and start the trial log again (unless --resume: then it is continued)")
+    p.add_argument("--backend", choices=("local", "ray"), default=None,
+                   help="where workers evaluate: local processes or Ray actors (default: the config's, else local)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join with backend ray (e.g. auto, ray://head:10001; default: the config's, "
+                        "else a local Ray instance)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -46,6 +55,13 @@ def run(args) -> int:
     out = Path(args.out)
     log = Path(args.log) if args.log else out.parent / f"{out.name}.trials.jsonl"
     base, entries, search = load_config(args.config)
+    if args.backend is not None:
+        search["backend"] = args.backend
+    if args.ray_address is not None:
+        search["ray_address"] = args.ray_address
+    from pymerge.search.workers import check_backend
+
+    check_backend(search.get("backend", "local"), search.get("workers", 1))  # e.g. Ray missing: before any work
     inputs = [("config file", Path(args.config)), ("base model", base)] + [(f"model {n}", m) for m, n, _ in entries]
     inputs += [(f"{k} file of {n}", p[k]) for _, n, p in entries for k in ("validation", "test", "fisher_data")
                if p.get(k) is not None]

@@ -9,8 +9,8 @@ from __future__ import annotations
 TASK_KEYS = ("validation", "test", "fisher_data", "kind", "choices", "choices_column", "metric", "text_column",
              "text_pair_column", "label_column", "max_length", "batch_size", "length_normalize")
 SEARCH_KEYS = ("optimizer", "n_init", "n_iter", "seed", "bounds", "beta", "xi", "optimizer_options",
-               "fisher_examples", "use_fisher", "search", "patience", "time_budget", "workers", "device",
-               "batch_size", "eps")
+               "fisher_examples", "use_fisher", "search", "patience", "time_budget", "workers", "backend",
+               "ray_address", "ray_options", "device", "batch_size", "eps")
 TOP_KEYS = ("base_model", "models", "parameters")
 
 
