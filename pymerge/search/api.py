@@ -116,6 +116,9 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     `pip install pymerge[ray]`; with Ray every evaluation runs in an actor, workers=1 included). Same results
     for one seed whatever the backend (pymerge.search.workers).
     fisher_options: extra arguments of `pymerge.fisher.estimate` (e.g. batched_backward, max_rounds_per_backward).
+    patience: stop after that many evaluations without improvement (past the random points); time_budget:
+    seconds of search, counted across resumes from the log's "elapsed" (pymerge.search.loop), so a resumed
+    search stops where the uninterrupted one would.
     log: JSONL trial log (resume=True continues it after a crash). out_dir: write the best merged model (HF
     directory, heads per task) and the report there (REPORT_NAME) atomically; report: the JSON report elsewhere.
     """
@@ -157,7 +160,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     metrics, value, seconds = obj.evaluate_fixed(lambdas, fisher_at=fisher_at)
     if best is None:
         best = {"trial": 0, "lambdas": lambdas, "metrics": metrics, "objective": value, "phase": "search",
-                "seconds": seconds}
+                "seconds": seconds, "elapsed": sum(seconds.values())}
         trials = [best]
         if log is not None:
             from pymerge.search.log import open_log
