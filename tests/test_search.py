@@ -418,9 +418,10 @@ class _ReversedPool:
 
         class Observed(Future):
             def result(self, timeout=None):
-                value = super().result(timeout)
-                self.taken.set()
-                return value
+                try:
+                    return super().result(timeout)
+                finally:
+                    self.taken.set()
 
         fut = Observed()
         fut.taken = threading.Event()
@@ -442,7 +443,10 @@ class _ReversedPool:
             with self.lock:
                 batch, self.pending = self.pending, []
             for fut, fn, args in reversed(batch):
-                fut.set_result(fn(*args))
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:  # a crash in a worker reaches the loop through its future
+                    fut.set_exception(exc)
                 fut.taken.wait(10)
 
 
@@ -485,3 +489,45 @@ def test_backend_ray_without_ray_installed_is_a_clear_error(monkeypatch):
         pymerge.dfmerge(base, fts, tasks, workers=2, backend="ray", **FAST)
     with pytest.raises(ValueError, match="backend: expected one of local, ray, got 'dask'"):
         pymerge.dfmerge(base, fts, tasks, backend="dask", **FAST)
+
+
+def test_a_crash_in_the_middle_of_a_batch_resumes_only_the_unfinished_points(tmp_path):
+    """workers=3, the batch finishing backwards: a crash after some of a batch finished (logged out of trial
+    order) resumes with only the missing points of that batch evaluated, and the uninterrupted trajectory."""
+    from concurrent.futures import Future
+
+    class Inline:
+        def submit(self, fn, *args):
+            fut = Future()
+            fut.set_result(fn(*args))
+            return fut
+
+    def evaluator(fail_at=None):
+        calls = []
+
+        def evaluate(lam):
+            calls.append(list(lam))
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt("killed")
+            value = -((lam[0] - 0.3) ** 2 + (lam[1] - 0.6) ** 2)
+            return {"a": value}, value, {"fisher": 0.0, "combine": 0.0, "evaluate": 0.0}
+
+        return evaluate, calls
+
+    settings = dict(optimizer="gp-ucb", n_init=3, n_iter=5, seed=2, workers=3, progress=False,
+                    options={"candidates": 64, "restarts": 1})
+    evaluate, _ = evaluator()
+    full = loop.run_search(evaluate, 2, pool=Inline(), **settings)
+    evaluate, _ = evaluator(fail_at=5)  # batch 2 (trials 3, 4, 5) runs backwards: 5 finishes, 4 crashes
+    pool = _ReversedPool()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_search(evaluate, 2, pool=pool, log_path=tmp_path / "log.jsonl", **settings)
+    finally:
+        pool.closed = True
+    logged = [json.loads(line)["trial"] for line in (tmp_path / "log.jsonl").read_text().splitlines()[1:]]
+    assert logged == [2, 1, 0, 5]
+    evaluate, calls = evaluator()
+    resumed = loop.run_search(evaluate, 2, pool=Inline(), log_path=tmp_path / "log.jsonl", resume=True, **settings)
+    assert _same_trials(resumed, full)
+    assert calls == [full[3]["lambdas"], full[4]["lambdas"]] + [r["lambdas"] for r in full[6:]]
