@@ -119,6 +119,11 @@ class RayPool:
 
     def __init__(self, workers: int, pretrained, finetuned, tasks, kwargs, *, address: Optional[str] = None,
                  options: Optional[dict] = None):
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"ray_options: expected a mapping of Ray actor options (num_cpus, num_gpus, ...), got "
+                             f"{type(options).__name__}")
+        if address is not None and not isinstance(address, str):
+            raise ValueError(f"ray_address: expected an address such as 'auto' or 'ray://head:10001', got {address!r}")
         ray = _import_ray()
         self._ray = ray
         self._started = not ray.is_initialized()
