@@ -489,6 +489,8 @@ def test_backend_ray_without_ray_installed_is_a_clear_error(monkeypatch):
         pymerge.dfmerge(base, fts, tasks, workers=2, backend="ray", **FAST)
     with pytest.raises(ValueError, match="backend: expected one of local, ray, got 'dask'"):
         pymerge.dfmerge(base, fts, tasks, backend="dask", **FAST)
+    with pytest.raises(ValueError, match="ray_options: expected a mapping"):
+        pymerge.dfmerge(base, fts, tasks, backend="ray", ray_options=4, **FAST)
 
 
 def test_a_crash_in_the_middle_of_a_batch_resumes_only_the_unfinished_points(tmp_path):

@@ -61,7 +61,8 @@ def run(args) -> int:
         search["ray_address"] = args.ray_address
     from pymerge.search.workers import check_backend
 
-    check_backend(search.get("backend", "local"), search.get("workers", 1))  # e.g. Ray missing: before any work
+    check_backend(search.get("backend", "local"), search.get("workers", 1), search.get("ray_address"),
+                  search.get("ray_options"))  # e.g. Ray missing: before any work
     inputs = [("config file", Path(args.config)), ("base model", base)] + [(f"model {n}", m) for m, n, _ in entries]
     inputs += [(f"{k} file of {n}", p[k]) for _, n, p in entries for k in ("validation", "test", "fisher_data")
                if p.get(k) is not None]

@@ -124,7 +124,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     """
     tasks = list(tasks)
     finetuned = list(finetuned)
-    check_backend(backend, workers)
+    check_backend(backend, workers, ray_address, ray_options)  # before any work
     if out_dir is not None:
         from pymerge.io.writer import check_target
 

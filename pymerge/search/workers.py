@@ -50,12 +50,18 @@ def worker_evaluate(lambdas):
     return _WORKER(lambdas)
 
 
-def check_backend(backend: str, workers: int) -> None:
-    """Before any work: a known backend, a worker count, and Ray installed when it is asked for."""
+def check_backend(backend: str, workers: int, ray_address=None, ray_options=None) -> None:
+    """Before any work: a known backend, a worker count, Ray's settings, and Ray installed when it is asked for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    if ray_options is not None and not isinstance(ray_options, dict):
+        raise ValueError(f"ray_options: expected a mapping of Ray actor options (num_cpus, num_gpus, ...), got "
+                         f"{type(ray_options).__name__}")
+    if ray_address is not None and not isinstance(ray_address, str):
+        raise ValueError(f"ray_address: expected an address such as 'auto' or 'ray://head:10001', got "
+                         f"{ray_address!r}")
     if backend == "ray":
         _import_ray()
 
@@ -63,7 +69,7 @@ def check_backend(backend: str, workers: int) -> None:
 def make_pool(backend: str, workers: int, pretrained, finetuned, tasks, kwargs, *, ray_address: Optional[str] = None,
               ray_options: Optional[dict] = None):
     """A pool of `workers` workers (None for one local worker: the caller evaluates in its own process)."""
-    check_backend(backend, workers)
+    check_backend(backend, workers, ray_address, ray_options)
     if backend == "ray":
         return RayPool(workers, pretrained, finetuned, tasks, kwargs, address=ray_address, options=ray_options)
     if workers == 1:
@@ -119,11 +125,7 @@ class RayPool:
 
     def __init__(self, workers: int, pretrained, finetuned, tasks, kwargs, *, address: Optional[str] = None,
                  options: Optional[dict] = None):
-        if options is not None and not isinstance(options, dict):
-            raise ValueError(f"ray_options: expected a mapping of Ray actor options (num_cpus, num_gpus, ...), got "
-                             f"{type(options).__name__}")
-        if address is not None and not isinstance(address, str):
-            raise ValueError(f"ray_address: expected an address such as 'auto' or 'ray://head:10001', got {address!r}")
+        check_backend("ray", workers, address, options)
         ray = _import_ray()
         self._ray = ray
         self._started = not ray.is_initialized()
