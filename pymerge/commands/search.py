@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--log", default=None, help="JSONL trial log (default: OUT.trials.jsonl beside OUT)")
     p.add_argument("--resume", action="store_true", help="continue the search recorded in the trial log")
     p.add_argument("--force", action="store_true",
-                   help="replace OUT if it exists, and start the trial log again (unless --resume: then it is continued)")
+                   help="replace OUT if it exists, and start the trial log again (with --resume: continue it)")
     p.add_argument("--backend", choices=("local", "ray"), default=None,
                    help="where workers evaluate: local processes or Ray actors (default: the config's, else local)")
     p.add_argument("--ray-address", default=None,
