@@ -237,3 +237,49 @@ def test_registry_lists_each_kind_once():
     assert ps.kinds() == ("fisher", "masks", "gram", "kfac")
     assert ps.get("kfac").modes == ps.get("fisher").modes == ("exact", "sampled", "empirical")
     assert ps.get("kfac").default_mode == "empirical"
+
+
+def _bad_layer_files(gram):
+    """(what is wrong, metadata, tensors, the message both readers must give) for a small gram file."""
+    import json
+
+    layers = json.loads(gram.metadata["layers"])
+    t = dict(gram.tensors)
+    info = layers["classifier"]
+    yield "no layers", {k: v for k, v in gram.metadata.items() if k != "layers"}, t, \
+        r"gram statistics need a `layers` metadata entry"
+    yield "not JSON", dict(gram.metadata, layers="{oops"), t, r"`layers` metadata is not valid JSON"
+    yield "not an object", dict(gram.metadata, layers="[1, 2]"), t, \
+        r"`layers` metadata must be a JSON object of module name -> layer, got list"
+    for field, value in (("in_features", "many"), ("transposed", "yes"), ("weight", None)):
+        entry = {k: v for k, v in info.items() if k != field} if value is None else dict(info, **{field: value})
+        yield f"bad {field}", dict(gram.metadata, layers=json.dumps(dict(layers, classifier=entry))), t, \
+            r"layer 'classifier': `layers` entry needs weight, bias, transposed, in_features, out_features, tokens"
+    yield "wrong shape", gram.metadata, dict(t, **{"classifier.gram": torch.zeros(16, 16)}), \
+        r"layer 'classifier': tensor 'classifier.gram' has shape \(16, 16\), expected \(17, 17\) for a layer with " \
+        r"16 inputs \+ 1 for the bias and 3 outputs"
+    yield "missing tensor", gram.metadata, {k: v for k, v in t.items() if k != "classifier.gram"}, \
+        r"layer 'classifier' has no tensor 'classifier.gram'"
+    yield "extra tensor", gram.metadata, dict(t, **{"pooler.dense.weight": torch.zeros(2)}), \
+        r"tensors \['pooler.dense.weight'\] belong to no layer of the `layers` metadata \(expected only <module>.gram\)"
+
+
+def test_layers_metadata_one_parser_for_files_and_merges(tmp_path):
+    """The store (ps.load) and the merge side (LayerStatistics) read `layers` with one parser: the same error,
+    naming the file and the layer, for every kind of bad entry."""
+    from pymerge.io.errors import CheckpointError
+    from pymerge.methods.layers import LayerStatistics
+
+    gram = ps.collect(fm.bert(), _batches(), kind="gram")
+    for i, (what, meta, tensors, message) in enumerate(_bad_layer_files(gram)):
+        path = tmp_path / f"bad{i}.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(CheckpointError, match=rf"bad{i}.safetensors: {message}"):
+            ps.load(path)
+        with pytest.raises(CheckpointError, match=rf"stats of m0 \(.*bad{i}.safetensors\): {message}"):
+            LayerStatistics(path, "stats of m0")
+    good = LayerStatistics(ps.save(tmp_path / "good.safetensors", gram), "stats of m0")
+    info = good.layers["classifier"]
+    assert (info.weight, info.bias, info.transposed, info.d_aug, info.tokens) == \
+        ("classifier.weight", "classifier.bias", False, 17, float(len(LENGTHS)))  # pooled: a row per example
+    assert set(good.layers) == set(gram.layers)
