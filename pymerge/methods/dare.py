@@ -57,8 +57,6 @@ class Dare(MergeMethod):
 class _MergekitDare(SparsifiedTaskVectors):
     """mergekit's dare_ties / dare_linear: random drop with keep probability `density` per model."""
 
-    consensus_default = None
-
     def sparsify(self, x, i, tv):
         return random_drop(tv, x.model_params[i]["density"], x.params["seed"], i, x.name, x.params["rescale"])
 

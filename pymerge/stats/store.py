@@ -58,7 +58,7 @@ class LayerInfo:
     transposed: bool
     in_features: int
     out_features: int
-    tokens: Optional[float] = field(default=None, compare=False)
+    tokens: Optional[float] = field(default=None, compare=False, repr=False)
 
     @property
     def d_aug(self) -> int:
