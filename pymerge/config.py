@@ -410,8 +410,8 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
     method.validate(cfg.global_values(), [cfg.model_values(i) for i in range(len(models))])
     why = method.base_needed(cfg.global_values())
     if why is not None and base is None:
-        raise ConfigError(f"{src}: merge_method {method.name!r} {why} and needs `base_model` "
-                          "(the pretrained model the others were fine-tuned from)")
+        raise ConfigError(f"{src}: merge_method {method.name!r} needs `base_model` (the pretrained model the others "
+                          f"were fine-tuned from): it {why}")
     method.needs_base = why is not None  # this merge's need (the engine reads it), not the method's in general
     return cfg
 

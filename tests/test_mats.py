@@ -115,8 +115,8 @@ def test_base_model_only_where_the_initialisation_needs_it(objective):
         for name in SHAPES:
             assert torch.equal(without.state_dict[name], with_base[name]), (init, name)
     for init in ("task_arithmetic", "pretrained"):
-        with pytest.raises(ConfigError, match=rf"merge_method 'mats' with init: {init} starts from the pretrained "
-                                              r"model .*needs `base_model`"):
+        with pytest.raises(ConfigError, match=rf"merge_method 'mats' needs `base_model` .*: it starts from the "
+                                              rf"pretrained model with init: {init} \(init: average or init: model"):
             merge_state_dicts(cfg(stats, method="mats", params={"objective": objective, "init": init}))
     zero = {"objective": objective, "init": "average", "iterations": 0}
     out = merge_state_dicts(cfg(stats, method="mats", params=zero)).state_dict

@@ -86,8 +86,7 @@ class MaTS(MergeMethod):
         """Only the initialisation can use the pretrained model: the objectives never do."""
         init = global_params["init"]
         if init in ("task_arithmetic", "pretrained"):
-            return (f"with init: {init} starts from the pretrained model (init: average or init: model start "
-                    "without it)")
+            return f"starts from the pretrained model with init: {init} (init: average or init: model need none)"
         return None
 
     # ------------------------------------------------------------------------------------------
