@@ -147,7 +147,6 @@ def make_batches(rows, tokenizer, args, label2id, need_labels: str = ""):
     return batches
 
 
-
 def collect_to_file(args: argparse.Namespace, command: str, kind: str, mode, options: Dict[str, object]) -> int:
     """Load the model and data of `args`, collect statistics of `kind`, write them to --output."""
     import torch
@@ -185,22 +184,34 @@ def collect_to_file(args: argparse.Namespace, command: str, kind: str, mode, opt
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def collect_command(args: argparse.Namespace, command: str, kind: str, mode) -> int:
+    """`pymerge <command>` computing statistics of `kind` (mode None: the kind's default) with the options of
+    `args` that apply to it (`pymerge fisher` has no --exclude)."""
     options: Dict[str, object] = {}
-    if args.kind in ("fisher", "kfac"):
+    if kind in ("fisher", "kfac"):
         options.update(num_samples=args.num_samples, seed=args.seed)
-    if args.exclude:
-        if args.kind not in ("gram", "kfac"):
-            raise ValueError(f"--exclude: only for --kind gram or kfac (per-layer statistics), not {args.kind!r}")
-        options["exclude"] = args.exclude
-    return collect_to_file(args, "stats", args.kind, args.mode, options)
+    exclude = getattr(args, "exclude", None)
+    if exclude:
+        if kind not in ("gram", "kfac"):
+            raise ValueError(f"--exclude: only for --kind gram or kfac (per-layer statistics), not {kind!r}")
+        options["exclude"] = exclude
+    return collect_to_file(args, command, kind, mode, options)
+
+
+def run(args: argparse.Namespace) -> int:
+    return collect_command(args, "stats", args.kind, args.mode)
+
+
+def standalone_main(prog: str, command, argv=None) -> int:
+    """`python -m pymerge.commands.<name>`: the command module's parser and run, outside `pymerge`."""
+    parser = argparse.ArgumentParser(prog=prog, description=command.DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pymerge stats", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone_main("pymerge stats", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
