@@ -88,9 +88,11 @@ def load_config(path):
 def _examples(file, params, label2id, kind, where, labelled=True):
     import json
 
-    from pymerge.commands.stats import read_rows
+    from pathlib import Path
 
-    rows = read_rows(file)
+    from pymerge.io.rows import label_id, read_rows
+
+    rows = read_rows(Path(file), what=where)
     if not rows:
         raise ValueError(f"{where} {file}: no examples")
     text_col = params.get("text_column", "text")
@@ -113,9 +115,7 @@ def _examples(file, params, label2id, kind, where, labelled=True):
                 raise ValueError(f"{at}: no label column {label_col!r} (columns: {sorted(row)})")
             value = row[label_col]
             if kind == "classification":
-                from pymerge.commands.stats import _label_id
-
-                value = _label_id(value, label2id, at)
+                value = label_id(value, label2id, at)
             elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
                 value = int(value)
             ex["label"] = value
