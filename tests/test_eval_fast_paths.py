@@ -168,3 +168,22 @@ def test_objective_reuses_its_fisher_buffers_and_equals_fresh_estimates():
             assert torch.equal(obj.fisher_objects[i].tensors[k], v), k
     obj.combine([0.6, 0.4], [[f.tensors[n] for n in obj.body_names] for f in obj.fisher_objects])
     assert obj.score() == metrics
+
+
+def test_public_fisher_at_returns_fresh_tensors_a_caller_can_keep():
+    """The landscape grid keeps Fishers at several λ and combines them later: fisher_at() must not hand out the
+    buffers that evaluations overwrite (only evaluate_fixed, which combines at once, reuses them)."""
+    from pymerge.search.objective import DFMergeObjective
+    from tests.search_models import bert_zoo
+
+    base, fts, tasks = bert_zoo()
+    obj = DFMergeObjective(base, fts, tasks, fisher_examples=3, device="cpu")
+    kept = [obj.fisher_at(1, lam) for lam in (0.2, 1.0)]
+    snapshot = [[t.clone() for t in f] for f in kept]
+    obj([0.5, 0.5])
+    obj([0.9, 0.1])
+    buffers = {t.data_ptr() for f in obj.fisher_objects for t in f.tensors.values()}
+    for f, snap in zip(kept, snapshot):
+        assert not buffers & {t.data_ptr() for t in f}
+        assert all(torch.equal(a, b) for a, b in zip(f, snap))
+    assert any(not torch.equal(a, b) for a, b in zip(*kept))  # two points, two Fishers

@@ -201,8 +201,11 @@ class DFMergeObjective:
             p.requires_grad_(False)
         for p in self._params:
             p.requires_grad_(True)  # the Fisher is taken of the shared body only, never of the heads
-        self.fisher_objects = [None] * self.M  # the last Fisher of each task (pymerge.fisher.Fisher)
+        # the last Fisher of each task (pymerge.fisher.Fisher); after an evaluation it holds the task's buffers,
+        # which the next evaluation overwrites
+        self.fisher_objects = [None] * self.M
         self._fisher_batches: List[Optional[list]] = [None] * self.M
+        self._fisher_buffers: List[Optional[Dict[str, torch.Tensor]]] = [None] * self.M  # see fisher_at
         numels = max(p.numel() for p in self._params)
         self._scratch = [torch.empty(numels, dtype=self._params[0].dtype, device=self.device) for _ in range(self.M)]
         self._mixed_dtypes = len({p.dtype for p in self._params}) > 1
@@ -226,8 +229,14 @@ class DFMergeObjective:
             for p, ft, pre in zip(self._params, self.finetuned[i], self.pre):
                 ops.weighted_sum([ft, pre], [lam, 1.0 - lam], out=p.data)
 
-    def fisher_at(self, i: int, lam: float) -> List[torch.Tensor]:
-        """Exact diagonal Fisher of task i at θ_i(λ) on its first n unlabelled inputs, body order, fp32 on device."""
+    def fisher_at(self, i: int, lam: float, *, reuse_buffers: bool = False) -> List[torch.Tensor]:
+        """Exact diagonal Fisher of task i at θ_i(λ) on its first n unlabelled inputs, body order, fp32 on device.
+
+        Fresh tensors by default (callers may keep several, e.g. the landscape grid). reuse_buffers=True (what
+        `evaluate_fixed` uses, the Fishers being consumed by the combine right away): on CPU the Fisher is
+        accumulated into this task's own buffers, overwritten by the next such call; a fresh fp32 body per call
+        costs first-touch page faults (~0.1 s a task for MiniLM). CUDA's caching allocator reuses memory anyway.
+        """
         from pymerge.fisher import estimate
 
         self._set_point(i, lam)
@@ -237,12 +246,11 @@ class DFMergeObjective:
         if batches is None:  # the same inputs every evaluation: tokenised and collated once
             batches = self._fisher_batches[i] = fisher_batches(self.model, task, self.fisher_examples,
                                                                self.batch_size)
-        # on CPU the Fisher is accumulated into this task's buffers of the previous evaluation: a fresh fp32 body
-        # per call costs first-touch page faults (~0.1 s a task for MiniLM); CUDA's caching allocator reuses memory
-        previous = self.fisher_objects[i]
-        out = previous.tensors if previous is not None and self.device.type == "cpu" else None
-        fisher = estimate(self.model, batches, mode="exact", length_normalize=task.length_normalize, out=out,
-                          **self.fisher_options)
+        reuse = reuse_buffers and self.device.type == "cpu"
+        fisher = estimate(self.model, batches, mode="exact", length_normalize=task.length_normalize,
+                          out=self._fisher_buffers[i] if reuse else None, **self.fisher_options)
+        if reuse:
+            self._fisher_buffers[i] = fisher.tensors
         self.fisher_objects[i] = fisher
         return [fisher.tensors[n].to(self.device, non_blocking=True) for n in self.body_names]
 
@@ -285,7 +293,8 @@ class DFMergeObjective:
             raise ValueError(f"lambdas: expected {self.M} values (one per task), got {len(lambdas)}")
         fisher_at = lambdas if fisher_at is None else [float(v) for v in fisher_at]
         t0 = time.perf_counter()
-        fishers = [self.fisher_at(i, fisher_at[i]) for i in range(self.M)] if self.use_fisher else None
+        fishers = ([self.fisher_at(i, fisher_at[i], reuse_buffers=True) for i in range(self.M)]
+                   if self.use_fisher else None)
         self._sync()
         t1 = time.perf_counter()
         self.combine(lambdas, fishers)
