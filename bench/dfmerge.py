@@ -177,7 +177,7 @@ def run_ours(obj, lambdas):
     """One DFMergeObjective evaluation, phase by phase as DFMergeObjective.evaluate_fixed runs it, with both
     clocks (the objective itself reports wall seconds only)."""
     clock = PhaseClock()
-    fishers = [obj.fisher_at(i, lam) for i, lam in enumerate(lambdas)]
+    fishers = [obj.fisher_at(i, lam, reuse_buffers=True) for i, lam in enumerate(lambdas)]
     clock.lap("fisher")
     obj.combine(lambdas, fishers)
     clock.lap("combine")
