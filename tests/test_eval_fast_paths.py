@@ -4,6 +4,7 @@ Fisher; `estimate(out=)` equals a fresh estimate bit for bit; the objective reus
 import pytest
 import torch
 
+from pymerge.eval import metrics
 from pymerge.eval.tasks import Task, evaluate, fisher_batches, predict
 from pymerge.fisher import estimate
 from pymerge.stats import logprobs
@@ -39,8 +40,7 @@ def test_sorted_classification_predictions_equal_the_unsorted_path(dtype, batch_
         assert sum(b["input_ids"].numel() for b in batches) < sum(
             b["input_ids"].numel() for b in task.batches(model, "validation"))
     assert task.sorted_batches(model, "validation")[0] is batches  # collated once
-    assert evaluate(model, task) == pytest.approx(
-        evaluate.__globals__["_metrics"].macro_f1(plain, labels_plain))
+    assert evaluate(model, task) == pytest.approx(metrics.macro_f1(plain, labels_plain))
 
 
 def test_sorted_logits_equal_the_unsorted_logits_row_by_row():
@@ -156,7 +156,7 @@ def test_objective_reuses_its_fisher_buffers_and_equals_fresh_estimates():
     obj([0.3, 0.8])
     first = [f.tensors for f in obj.fisher_objects]
     ptrs = [{k: t.data_ptr() for k, t in f.items()} for f in first]
-    metrics, _, _ = obj([0.6, 0.4])
+    scores, _, _ = obj([0.6, 0.4])
     for i, f in enumerate(obj.fisher_objects):
         assert {k: t.data_ptr() for k, t in f.tensors.items()} == ptrs[i]
     for i, lam in enumerate([0.6, 0.4]):  # a fresh estimate at the same point, without buffers
@@ -167,7 +167,7 @@ def test_objective_reuses_its_fisher_buffers_and_equals_fresh_estimates():
         for k, v in ref.tensors.items():
             assert torch.equal(obj.fisher_objects[i].tensors[k], v), k
     obj.combine([0.6, 0.4], [[f.tensors[n] for n in obj.body_names] for f in obj.fisher_objects])
-    assert obj.score() == metrics
+    assert obj.score() == scores
 
 
 def test_public_fisher_at_returns_fresh_tensors_a_caller_can_keep():
