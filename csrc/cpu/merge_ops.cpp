@@ -13,6 +13,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -152,10 +153,12 @@ at::Tensor dfmerge_combine_impl(const at::Tensor& pretrained, at::TensorList tas
 // ---- ties_merge: trim (selection), elect sign, disjoint mean ---------------------------------------
 inline float bits_f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 
+constexpr uint32_t kInfKey = 0x7f800000u;  // magnitude key of +-inf and NaN
+
 // The k-th largest magnitude key by an exact two-pass radix select over 16-bit digits (the fallback of the
 // sampled selection below): histogram the keys' high 16 bits, find the bin holding the k-th largest, then
 // histogram the low 16 bits of the keys in that bin. Chunks count into their own histograms in parallel.
-uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, int64_t n, int64_t k) {
+uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, const void* pre, int64_t n, int64_t k) {
   constexpr int64_t kBins = int64_t{1} << 16;
   int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
   chunks = std::max<int64_t>(chunks, (n >> 31) + 1);  // uint32 counts per chunk
@@ -166,7 +169,7 @@ uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, int64_
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t lo = n / chunks * c + std::min(c, n % chunks);
         const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
-        kt.ties_hist[dt](t, lo, hi, pass, high, hist.data() + c * kBins);
+        kt.ties_hist[dt](t, pre, lo, hi, pass, high, hist.data() + c * kBins);
       }
     });
   };
@@ -189,62 +192,119 @@ uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, int64_
   return (high << 16) | low;
 }
 
-// The k-th largest (1-based) of keys, in place.
-uint32_t kth_largest_of(std::vector<uint32_t>& keys, int64_t k) {
-  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
+// The k-th largest (1-based) of keys[0, len), in place.
+uint32_t kth_largest_of(uint32_t* keys, int64_t len, int64_t k) {
+  std::nth_element(keys, keys + (k - 1), keys + len, std::greater<uint32_t>());
   return keys[k - 1];
 }
 
-// The k-th largest magnitude key of t by sampling: a strided sample of kSample keys brackets the k-th largest
+// The thresholds (k-th largest magnitude keys) of every task vector, and whether any value was NaN / Inf.
+//
+// Small tensors: all keys, one selection. Larger ones: a strided sample of kSample keys brackets the k-th largest
 // in a narrow band [klo, khi] (±~5 standard deviations of the sample quantile); one vectorised pass counts the
 // keys above the band and keeps those inside it (about 2% of the tensor), and a selection among those gives the
 // exact answer. If the band missed (it cannot for all but adversarial layouts), the exact radix select runs.
-// Cost: one read of t plus a sample, instead of two full histogram passes with scattered increments.
-uint32_t kth_key(const cpu::KernelTable& kt, int dt, const void* t, int64_t n, int64_t k) {
+// The per-model steps (sample, selections) run in parallel across models, and one parallel pass over element
+// chunks serves up to kGroup models (in the model form the chunk of pre is then read once and kept in cache).
+// With pre (the model form) the keys are those of τ_i = t_i - pre, rounded to the storage type.
+bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const void*>& tp, const void* pre,
+                     int64_t n, int64_t k, uint32_t* thr) {
   constexpr int64_t kSample = 1 << 15;
+  constexpr int kGroup = 4;
+  const int m = static_cast<int>(tp.size());
+  std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
   if (n <= 4 * kSample) {
-    std::vector<uint32_t> keys(static_cast<size_t>(n));
-    kt.ties_keys[dt](t, 0, 1, n, keys.data());
-    return kth_largest_of(keys, k);
+    at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
+      std::unique_ptr<uint32_t[]> keys(new uint32_t[static_cast<size_t>(n)]);
+      for (int64_t i = i0; i < i1; ++i) {
+        kt.ties_keys[dt](tp[i], pre, 0, 1, n, keys.get());
+        bad[i] = std::find(keys.get(), keys.get() + n, kInfKey) != keys.get() + n;
+        thr[i] = kth_largest_of(keys.get(), n, k);
+      }
+    });
+    return std::find(bad.begin(), bad.end(), 1) != bad.end();
   }
   const int64_t stride = n / kSample;
-  std::vector<uint32_t> sample(static_cast<size_t>(kSample));
-  kt.ties_keys[dt](t, stride / 2, stride, kSample, sample.data());
   const double r = static_cast<double>(k) * kSample / static_cast<double>(n);  // expected rank in the sample
   const double half = 5.0 * std::sqrt(r * (1.0 - r / kSample) + 1.0) + 8.0;
   const int64_t r_hi = static_cast<int64_t>(std::floor(r - half)), r_lo = static_cast<int64_t>(std::ceil(r + half));
-  const uint32_t khi = r_hi < 1 ? std::numeric_limits<uint32_t>::max() : kth_largest_of(sample, r_hi);
-  const uint32_t klo = r_lo > kSample ? 0u : kth_largest_of(sample, r_lo);
-  // Parallel chunks, each with its own candidate buffer (capacity: 4x the expected band, at least 4096).
+  std::vector<uint32_t> klo(static_cast<size_t>(m)), khi(static_cast<size_t>(m));
+  at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<uint32_t> sample(static_cast<size_t>(kSample));
+    for (int64_t i = i0; i < i1; ++i) {
+      kt.ties_keys[dt](tp[i], pre, stride / 2, stride, kSample, sample.data());
+      khi[i] = r_hi < 1 ? std::numeric_limits<uint32_t>::max() : kth_largest_of(sample.data(), kSample, r_hi);
+      klo[i] = r_lo > kSample ? 0u : kth_largest_of(sample.data(), kSample, r_lo);
+    }
+  });
+  // Element chunks, each with its own candidate buffer per model (capacity: 4x the expected band, at least 4096;
+  // left uninitialised, so the pages a chunk never fills are never touched).
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), n / kGrain));
   const double band_frac = static_cast<double>(r_lo - r_hi) / kSample;
   const int64_t cap = static_cast<int64_t>(4.0 * band_frac * static_cast<double>(n) / chunks) + 4096;
-  std::vector<uint32_t> cand(static_cast<size_t>(chunks * (cap + 64)));
-  std::vector<cpu::BandResult> res(static_cast<size_t>(chunks));
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = n / chunks * c + std::min(c, n % chunks);
-      const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
-      res[c] = kt.ties_band[dt](t, lo, hi, klo, khi, cand.data() + c * (cap + 64), cap);
-    }
-  });
-  int64_t above = 0, in_band = 0, stored = 0;
-  for (const auto& x : res) { above += x.above; in_band += x.in_band; stored += x.stored; }
-  const bool bracketed = above < k && above + in_band >= k;
-  if (bracketed && klo == khi) return klo;  // one value fills the band (quantised task vectors): it is the answer
-  if (!bracketed || stored != in_band) return kth_key_radix(kt, dt, t, n, k);
-  // Gather the chunks' candidates at the front and select among them.
-  int64_t at = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const uint32_t* src = cand.data() + c * (cap + 64);
-    std::copy(src, src + res[c].stored, cand.begin() + at);
-    at += res[c].stored;
+  const int64_t slot = cap + 64;
+  std::unique_ptr<uint32_t[]> cand(new uint32_t[static_cast<size_t>(std::min(m, kGroup) * chunks * slot)]);
+  std::vector<cpu::BandResult> res(static_cast<size_t>(std::min(m, kGroup) * chunks));
+  std::vector<int> radix;  // models whose band missed
+  for (int g0 = 0; g0 < m; g0 += kGroup) {
+    const int g = std::min(kGroup, m - g0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = n / chunks * c + std::min(c, n % chunks);
+        const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
+        for (int j = 0; j < g; ++j)
+          res[j * chunks + c] = kt.ties_band[dt](tp[g0 + j], pre, lo, hi, klo[g0 + j], khi[g0 + j],
+                                                 cand.get() + (j * chunks + c) * slot, cap);
+      }
+    });
+    std::vector<uint8_t> miss(static_cast<size_t>(g), 0);
+    at::parallel_for(0, g, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int i = g0 + static_cast<int>(j);
+        int64_t above = 0, in_band = 0, stored = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const auto& x = res[j * chunks + c];
+          above += x.above; in_band += x.in_band; stored += x.stored; bad[i] |= x.nonfinite > 0;
+        }
+        const bool bracketed = above < k && above + in_band >= k;
+        if (bracketed && klo[i] == khi[i]) {  // one value fills the band (quantised task vectors): the answer
+          thr[i] = klo[i];
+          continue;
+        }
+        if (!bracketed || stored != in_band) {
+          miss[j] = 1;
+          continue;
+        }
+        // Gather the chunks' candidates at the front of this model's buffer and select among them.
+        uint32_t* base = cand.get() + j * chunks * slot;
+        int64_t at = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const uint32_t* src = base + c * slot;
+          std::memmove(base + at, src, static_cast<size_t>(res[j * chunks + c].stored) * sizeof(uint32_t));
+          at += res[j * chunks + c].stored;
+        }
+        thr[i] = kth_largest_of(base, at, k - above);
+      }
+    });
+    for (int j = 0; j < g; ++j)
+      if (miss[j]) radix.push_back(g0 + j);
   }
-  cand.resize(static_cast<size_t>(at));
-  return kth_largest_of(cand, k - above);
+  for (int i : radix) thr[i] = kth_key_radix(kt, dt, tp[i], pre, n, k);
+  return std::find(bad.begin(), bad.end(), 1) != bad.end();
 }
 
-at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
+// check_finite: names the first input holding a NaN or Inf (the list in order, then pretrained), as the
+// Python wrapper and the engine expect ("ties_merge: models[2] contains NaN or Inf"). Runs only after a pass
+// saw a non-finite value (a model form difference can also overflow to Inf from finite inputs: no error then).
+void ties_raise_nonfinite(const at::Tensor& pre, const std::vector<at::Tensor>& ts, bool models) {
+  for (size_t i = 0; i < ts.size(); ++i)
+    TORCH_CHECK_VALUE(at::isfinite(ts[i]).all().item<bool>(), "ties_merge: ", models ? "models" : "task_vectors",
+                      "[", i, "] contains NaN or Inf");
+  TORCH_CHECK_VALUE(at::isfinite(pre).all().item<bool>(), "ties_merge: pretrained contains NaN or Inf");
+}
+
+at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam,
+                          bool models, bool check_finite) {
   constexpr const char* op = "ties_merge";
   check_ties_merge_args(pretrained, task_vectors, density);
   check_cpu(op, pretrained);
@@ -258,10 +318,16 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
   const cpu::KernelTable& kt = kernels();
   const int dt = dtype_index(pre.scalar_type(), op);
   const auto tp = data_ptrs(ts);
+  uint32_t keys[kMaxModels];
+  const bool seen_nonfinite = ties_thresholds(kt, dt, tp, models ? pre.data_ptr() : nullptr, n, k, keys);
+  if (check_finite && seen_nonfinite) ties_raise_nonfinite(pre, ts, models);
   float thr[kMaxModels];
-  for (int i = 0; i < m; ++i) thr[i] = bits_f(kth_key(kt, dt, tp[i], n, k));
-  const cpu::TiesArgs args{pre.data_ptr(), tp.data(), m, thr, static_cast<float>(lam), out.data_ptr()};
+  for (int i = 0; i < m; ++i) thr[i] = bits_f(keys[i]);
+  int pre_nonfinite = 0;
+  const cpu::TiesArgs args{pre.data_ptr(), tp.data(), m, thr, static_cast<float>(lam), out.data_ptr(),
+                           models, check_finite, &pre_nonfinite};
   run_chunks(kt.ties_merge[dt], &args, n);
+  if (check_finite && pre_nonfinite) ties_raise_nonfinite(pre, ts, models);
   return out;
 }
 
