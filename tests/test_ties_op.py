@@ -206,3 +206,21 @@ def test_engine_leaves_the_check_to_ties_and_keeps_it_for_other_methods(zoo, tmp
     cfg["parameters"] = {"lambda": 0.5}
     pymerge.merge(cfg, tmp_path / "ta", progress=False)
     assert sum(QUERY in n for n in checked) == 3  # two models and the base, as before
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantised_task_vectors_select_exactly(isa, dtype, monkeypatch):
+    # θ_i - θ_pre of checkpoints rounded to bf16 / fp16 takes few distinct magnitudes, so the sampled band holds far
+    # more keys than the sample predicts (each value many times): they are counted, not sorted, and must still give
+    # the exact k-th largest
+    monkeypatch.setenv("PYMERGE_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(seed_of(isa, str(dtype), "quantised"))
+    base = torch.randn(150_001, generator=gen)
+    pre = base.to(dtype)
+    models = [(base + 0.02 * torch.randn(150_001, generator=gen)).to(dtype) for _ in range(3)]
+    for density in (0.05, 0.3):
+        # lam 100: a wrongly trimmed entry moves the output by ~2, far outside the bf16 / fp16 tolerance
+        got = ops.ties_merge(pre, models, density, 100.0, models=True)
+        close(got, ops.ties_merge_reference(pre, models, density, 100.0, models=True))
+        assert torch.equal(got, ops.ties_merge(pre, [t - pre for t in models], density, 100.0))

@@ -198,14 +198,29 @@ uint32_t kth_largest_of(uint32_t* keys, int64_t len, int64_t k) {
   return keys[k - 1];
 }
 
+// The k-th largest of keys[0, len), all in [klo, khi] and multiples of 2^shift (bf16 keys have 16 zero low bits,
+// fp16 keys 13): when that range holds few possible values (quantised data, such as bf16 task vectors, put many
+// keys on each), counting them beats a selection over many candidates.
+uint32_t kth_largest_in_band(uint32_t* keys, int64_t len, int64_t k, uint32_t klo, uint32_t khi, int shift) {
+  const uint32_t bins = ((khi - klo) >> shift) + 1;
+  if (bins > (1u << 16) || static_cast<int64_t>(bins) * 4 > len) return kth_largest_of(keys, len, k);
+  std::vector<int64_t> count(bins, 0);
+  for (int64_t j = 0; j < len; ++j) ++count[(keys[j] - klo) >> shift];
+  for (int64_t b = bins - 1; b >= 0; --b) {
+    if (count[b] >= k) return klo + (static_cast<uint32_t>(b) << shift);
+    k -= count[b];
+  }
+  return klo;
+}
+
 // The thresholds (k-th largest magnitude keys) of every task vector, and whether any value was NaN / Inf.
 //
 // Small tensors: all keys, one selection. Larger ones: a strided sample of kSample keys brackets the k-th largest
 // in a narrow band [klo, khi] (±~5 standard deviations of the sample quantile); one vectorised pass counts the
 // keys above the band and keeps those inside it (about 2% of the tensor), and a selection among those gives the
 // exact answer. If the band missed (it cannot for all but adversarial layouts), the exact radix select runs.
-// The per-model steps (sample, selections) run in parallel across models, and one parallel pass over element
-// chunks serves up to kGroup models (in the model form the chunk of pre is then read once and kept in cache).
+// One parallel pass over element chunks serves up to kGroup models (in the model form the chunk of pre is then
+// read once and kept in cache); the per-model steps (sample, selection among the candidates) are serial.
 // With pre (the model form) the keys are those of τ_i = t_i - pre, rounded to the storage type.
 bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const void*>& tp, const void* pre,
                      int64_t n, int64_t k, uint32_t* thr) {
@@ -214,14 +229,12 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
   const int m = static_cast<int>(tp.size());
   std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
   if (n <= 4 * kSample) {
-    at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
-      std::unique_ptr<uint32_t[]> keys(new uint32_t[static_cast<size_t>(n)]);
-      for (int64_t i = i0; i < i1; ++i) {
-        kt.ties_keys[dt](tp[i], pre, 0, 1, n, keys.get());
-        bad[i] = std::find(keys.get(), keys.get() + n, kInfKey) != keys.get() + n;
-        thr[i] = kth_largest_of(keys.get(), n, k);
-      }
-    });
+    std::unique_ptr<uint32_t[]> keys(new uint32_t[static_cast<size_t>(n)]);
+    for (int i = 0; i < m; ++i) {
+      kt.ties_keys[dt](tp[i], pre, 0, 1, n, keys.get());
+      bad[i] = std::find(keys.get(), keys.get() + n, kInfKey) != keys.get() + n;
+      thr[i] = kth_largest_of(keys.get(), n, k);
+    }
     return std::find(bad.begin(), bad.end(), 1) != bad.end();
   }
   const int64_t stride = n / kSample;
@@ -229,20 +242,20 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
   const double half = 5.0 * std::sqrt(r * (1.0 - r / kSample) + 1.0) + 8.0;
   const int64_t r_hi = static_cast<int64_t>(std::floor(r - half)), r_lo = static_cast<int64_t>(std::ceil(r + half));
   std::vector<uint32_t> klo(static_cast<size_t>(m)), khi(static_cast<size_t>(m));
-  at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<uint32_t> sample(static_cast<size_t>(kSample));
-    for (int64_t i = i0; i < i1; ++i) {
-      kt.ties_keys[dt](tp[i], pre, stride / 2, stride, kSample, sample.data());
-      khi[i] = r_hi < 1 ? std::numeric_limits<uint32_t>::max() : kth_largest_of(sample.data(), kSample, r_hi);
-      klo[i] = r_lo > kSample ? 0u : kth_largest_of(sample.data(), kSample, r_lo);
-    }
-  });
-  // Element chunks, each with its own candidate buffer per model (capacity: 4x the expected band, at least 4096;
-  // left uninitialised, so the pages a chunk never fills are never touched).
+  std::vector<uint32_t> sample(static_cast<size_t>(kSample));
+  for (int i = 0; i < m; ++i) {
+    kt.ties_keys[dt](tp[i], pre, stride / 2, stride, kSample, sample.data());
+    khi[i] = r_hi < 1 ? std::numeric_limits<uint32_t>::max() : kth_largest_of(sample.data(), kSample, r_hi);
+    klo[i] = r_lo > kSample ? 0u : kth_largest_of(sample.data(), kSample, r_lo);
+  }
+  // Element chunks, each with its own candidate buffer per model, as long as the chunk: quantised values (bf16
+  // task vectors) can put far more keys in the band than the sample predicts, and they must not overflow. Left
+  // uninitialised, so only the pages the candidates fill are ever touched (about 2% of the tensor; more when
+  // many keys are equal).
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), n / kGrain));
-  const double band_frac = static_cast<double>(r_lo - r_hi) / kSample;
-  const int64_t cap = static_cast<int64_t>(4.0 * band_frac * static_cast<double>(n) / chunks) + 4096;
+  const int64_t cap = n / chunks + 1;
   const int64_t slot = cap + 64;
+  const int shift = dt == cpu::kBF16 ? 16 : dt == cpu::kF16 ? 13 : 0;  // zero low bits of every key
   std::unique_ptr<uint32_t[]> cand(new uint32_t[static_cast<size_t>(std::min(m, kGroup) * chunks * slot)]);
   std::vector<cpu::BandResult> res(static_cast<size_t>(std::min(m, kGroup) * chunks));
   std::vector<int> radix;  // models whose band missed
@@ -258,8 +271,8 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
       }
     });
     std::vector<uint8_t> miss(static_cast<size_t>(g), 0);
-    at::parallel_for(0, g, 1, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
+    {  // serial: on this small, shared machine a parallel region per step cost more in spinning than it saved
+      for (int64_t j = 0; j < g; ++j) {
         const int i = g0 + static_cast<int>(j);
         int64_t above = 0, in_band = 0, stored = 0;
         for (int64_t c = 0; c < chunks; ++c) {
@@ -283,9 +296,9 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
           std::memmove(base + at, src, static_cast<size_t>(res[j * chunks + c].stored) * sizeof(uint32_t));
           at += res[j * chunks + c].stored;
         }
-        thr[i] = kth_largest_of(base, at, k - above);
+        thr[i] = kth_largest_in_band(base, at, k - above, klo[i], khi[i], shift);
       }
-    });
+    }
     for (int j = 0; j < g; ++j)
       if (miss[j]) radix.push_back(g0 + j);
   }
