@@ -88,7 +88,6 @@ __global__ void __launch_bounds__(kThreads) ties_kernel(TiesArgs a) {
   __syncthreads();
   PYMERGE_GRID_STRIDE(e, a.n) {
     float trimmed[kMaxModels];
-#pragma unroll
     const float pre = load<P>(a.pretrained, e);
 #pragma unroll
     for (int i = 0; i < kMaxModels; ++i) {
