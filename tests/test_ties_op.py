@@ -224,3 +224,17 @@ def test_quantised_task_vectors_select_exactly(isa, dtype, monkeypatch):
         got = ops.ties_merge(pre, models, density, 100.0, models=True)
         close(got, ops.ties_merge_reference(pre, models, density, 100.0, models=True))
         assert torch.equal(got, ops.ties_merge(pre, [t - pre for t in models], density, 100.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_model_form_and_check_match_the_cpu(dtype):
+    gen = torch.Generator().manual_seed(seed_of("cuda", str(dtype)))
+    pre, models = finetunes(70_001, 4, dtype, gen)
+    want = ops.ties_merge(pre, models, 0.3, 0.9, models=True)
+    got = ops.ties_merge(pre.cuda(), [t.cuda() for t in models], 0.3, 0.9, models=True, check_finite=True)
+    close(got.cpu(), want)
+    models[2][5] = float("nan")
+    with pytest.raises(ops.NonFiniteInputError) as info:
+        ops.ties_merge(pre.cuda(), [t.cuda() for t in models], 0.3, 0.9, models=True, check_finite=True)
+    assert (info.value.arg, info.value.index) == ("models", 2)
