@@ -34,8 +34,8 @@ struct DareArgs {
   const void* x; uint64_t key; uint32_t threshold; float scale; void* out;
 };
 // One pass of the TIES selection over [lo, hi): counts keys > khi, stores the keys in [klo, khi] into cand (at
-// most cap of them; cand has room for cap + 64) and counts them all in in_band (more than cap: overflow), and
-// counts the NaN / Inf values (key of +inf). The TIES functions take pre: nullptr when t is a task vector, the
+// most cap of them; cand has room for cap + 64) and counts them all in in_band (more than cap: overflow);
+// nonfinite > 0 when a value was NaN / Inf (key of +inf). The TIES functions take pre: nullptr when t is a task vector, the
 // pretrained tensor when t is a fine-tuned model (keys of τ = t - pre, rounded to the storage type).
 struct BandResult { int64_t above; int64_t in_band; int64_t stored; int64_t nonfinite; };
 

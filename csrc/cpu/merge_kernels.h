@@ -290,70 +290,73 @@ inline void agree_add(float total, float v, float& a, float& c) {
   c += agree ? 1.f : 0.f;
 }
 
-// Blocks of kBlock elements with fp32 accumulators in L1, models four at a time: one pass for the elected sign's
-// total, one for the agreeing sum and count. (A single per-element pass with every model's value in registers
-// did not vectorise with GCC 12: it stayed scalar and ran 2x slower.)
+// Blocks of kBlock elements with fp32 accumulators, models four at a time: one pass converts, trims and sums
+// (the elected sign's total) and keeps the trimmed values in fp32 (in L1 / L2), one pass over those sums and
+// counts the agreeing ones. (A single per-element pass with every model's value in registers did not vectorise
+// with GCC 12: it stayed scalar and ran 2x slower.)
 template <int G, bool FIRST, bool MODELS, typename P>
-inline void ties_total(const P* const* t, const uint32_t* thr, const float* pf, int64_t b0, int64_t len, float* total) {
+inline void ties_total(const P* const* t, const uint32_t* thr, const float* pf, int64_t b0, int64_t len, float* total,
+                       float* tr) {
   const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
   const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
   const uint32_t k0 = thr[0], k1 = G > 1 ? thr[1] : 0, k2 = G > 2 ? thr[2] : 0, k3 = G > 3 ? thr[3] : 0;
+  float* r0 = tr; float* r1 = tr + (G > 1 ? kBlock : 0); float* r2 = tr + (G > 2 ? 2 * kBlock : 0);
+  float* r3 = tr + (G > 3 ? 3 * kBlock : 0);
 #pragma omp simd
   for (int64_t e = 0; e < len; ++e) {
     float s = FIRST ? 0.f : total[e];
     const float p = pf[e];
-    s += trim_key(tau_of<MODELS>(t0[e], p), k0);
-    if constexpr (G > 1) s += trim_key(tau_of<MODELS>(t1[e], p), k1);
-    if constexpr (G > 2) s += trim_key(tau_of<MODELS>(t2[e], p), k2);
-    if constexpr (G > 3) s += trim_key(tau_of<MODELS>(t3[e], p), k3);
+    const float v0 = trim_key(tau_of<MODELS>(t0[e], p), k0);
+    r0[e] = v0; s += v0;
+    if constexpr (G > 1) { const float v = trim_key(tau_of<MODELS>(t1[e], p), k1); r1[e] = v; s += v; }
+    if constexpr (G > 2) { const float v = trim_key(tau_of<MODELS>(t2[e], p), k2); r2[e] = v; s += v; }
+    if constexpr (G > 3) { const float v = trim_key(tau_of<MODELS>(t3[e], p), k3); r3[e] = v; s += v; }
     total[e] = s;
   }
 }
 
-template <int G, bool FIRST, bool MODELS, typename P>
-inline void ties_agree(const P* const* t, const uint32_t* thr, const float* pf, int64_t b0, int64_t len,
-                       const float* total, float* acc, float* cnt) {
-  const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
-  const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
-  const uint32_t k0 = thr[0], k1 = G > 1 ? thr[1] : 0, k2 = G > 2 ? thr[2] : 0, k3 = G > 3 ? thr[3] : 0;
+template <int G, bool FIRST>
+inline void ties_agree(const float* tr, int64_t len, const float* total, float* acc, float* cnt) {
+  const float* r0 = tr; const float* r1 = tr + (G > 1 ? kBlock : 0); const float* r2 = tr + (G > 2 ? 2 * kBlock : 0);
+  const float* r3 = tr + (G > 3 ? 3 * kBlock : 0);
 #pragma omp simd
   for (int64_t e = 0; e < len; ++e) {
     float a = FIRST ? 0.f : acc[e], c = FIRST ? 0.f : cnt[e];
-    const float s = total[e], p = pf[e];
-    agree_add(s, trim_key(tau_of<MODELS>(t0[e], p), k0), a, c);
-    if constexpr (G > 1) agree_add(s, trim_key(tau_of<MODELS>(t1[e], p), k1), a, c);
-    if constexpr (G > 2) agree_add(s, trim_key(tau_of<MODELS>(t2[e], p), k2), a, c);
-    if constexpr (G > 3) agree_add(s, trim_key(tau_of<MODELS>(t3[e], p), k3), a, c);
+    const float s = total[e];
+    agree_add(s, r0[e], a, c);
+    if constexpr (G > 1) agree_add(s, r1[e], a, c);
+    if constexpr (G > 2) agree_add(s, r2[e], a, c);
+    if constexpr (G > 3) agree_add(s, r3[e], a, c);
     acc[e] = a; cnt[e] = c;
   }
 }
 
 template <bool FIRST, bool MODELS, typename P>
 inline void ties_total_any(int g, const P* const* t, const uint32_t* thr, const float* pf, int64_t b0, int64_t len,
-                           float* total) {
+                           float* total, float* tr) {
   switch (g) {
-    case 4: ties_total<4, FIRST, MODELS>(t, thr, pf, b0, len, total); break;
-    case 3: ties_total<3, FIRST, MODELS>(t, thr, pf, b0, len, total); break;
-    case 2: ties_total<2, FIRST, MODELS>(t, thr, pf, b0, len, total); break;
-    default: ties_total<1, FIRST, MODELS>(t, thr, pf, b0, len, total); break;
+    case 4: ties_total<4, FIRST, MODELS>(t, thr, pf, b0, len, total, tr); break;
+    case 3: ties_total<3, FIRST, MODELS>(t, thr, pf, b0, len, total, tr); break;
+    case 2: ties_total<2, FIRST, MODELS>(t, thr, pf, b0, len, total, tr); break;
+    default: ties_total<1, FIRST, MODELS>(t, thr, pf, b0, len, total, tr); break;
   }
 }
 
-template <bool FIRST, bool MODELS, typename P>
-inline void ties_agree_any(int g, const P* const* t, const uint32_t* thr, const float* pf, int64_t b0, int64_t len,
-                           const float* total, float* acc, float* cnt) {
+template <bool FIRST>
+inline void ties_agree_any(int g, const float* tr, int64_t len, const float* total, float* acc, float* cnt) {
   switch (g) {
-    case 4: ties_agree<4, FIRST, MODELS>(t, thr, pf, b0, len, total, acc, cnt); break;
-    case 3: ties_agree<3, FIRST, MODELS>(t, thr, pf, b0, len, total, acc, cnt); break;
-    case 2: ties_agree<2, FIRST, MODELS>(t, thr, pf, b0, len, total, acc, cnt); break;
-    default: ties_agree<1, FIRST, MODELS>(t, thr, pf, b0, len, total, acc, cnt); break;
+    case 4: ties_agree<4, FIRST>(tr, len, total, acc, cnt); break;
+    case 3: ties_agree<3, FIRST>(tr, len, total, acc, cnt); break;
+    case 2: ties_agree<2, FIRST>(tr, len, total, acc, cnt); break;
+    default: ties_agree<1, FIRST>(tr, len, total, acc, cnt); break;
   }
 }
 
 template <bool MODELS, typename P>
 void ties_blocks(const P* const* tp, const P* pre, int m, const uint32_t* thr, float lam, P* out, int64_t lo,
                  int64_t hi, uint32_t& bad) {
-  alignas(64) float pf[kBlock], total[kBlock], acc[kBlock], cnt[kBlock];
+  // trimmed values of every model for one block: 16 KiB at M = 4 (L1), 64 KiB at most
+  alignas(64) float pf[kBlock], total[kBlock], acc[kBlock], cnt[kBlock], tr[pymerge::kMaxModels * kBlock];
   uint32_t b = 0;
   for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
     const int64_t len = min64(kBlock, hi - b0);
@@ -365,13 +368,13 @@ void ties_blocks(const P* const* tp, const P* pre, int m, const uint32_t* thr, f
     }
     for (int i = 0; i < m; i += 4) {
       const int g = m - i < 4 ? m - i : 4;
-      if (i == 0) ties_total_any<true, MODELS>(g, tp, thr, pf, b0, len, total);
-      else ties_total_any<false, MODELS>(g, tp + i, thr + i, pf, b0, len, total);
+      if (i == 0) ties_total_any<true, MODELS>(g, tp, thr, pf, b0, len, total, tr);
+      else ties_total_any<false, MODELS>(g, tp + i, thr + i, pf, b0, len, total, tr + i * kBlock);
     }
     for (int i = 0; i < m; i += 4) {
       const int g = m - i < 4 ? m - i : 4;
-      if (i == 0) ties_agree_any<true, MODELS>(g, tp, thr, pf, b0, len, total, acc, cnt);
-      else ties_agree_any<false, MODELS>(g, tp + i, thr + i, pf, b0, len, total, acc, cnt);
+      if (i == 0) ties_agree_any<true>(g, tr, len, total, acc, cnt);
+      else ties_agree_any<false>(g, tr + i * kBlock, len, total, acc, cnt);
     }
     P* o = out + b0;
 #pragma omp simd
@@ -478,11 +481,14 @@ pymerge::cpu::BandResult ties_band_form(const P* t, const P* pre, int64_t lo, in
   int64_t e = lo;
 #if defined(PYMERGE_AVX512)
   const __m512i vlo = _mm512_set1_epi32(static_cast<int>(klo)), vhi = _mm512_set1_epi32(static_cast<int>(khi));
-  const __m512i vinf = _mm512_set1_epi32(0x7f800000);
+  const __m512i one = _mm512_set1_epi32(1);
+  // per-lane counters (a masked add per 16 keys, no scalar popcount chain) and the largest key (the key of NaN /
+  // Inf is the largest possible): summed once at the end; a lane counts at most 2^32 - 1 keys (n < 2^36)
+  __m512i above16 = _mm512_setzero_si512(), kmax = _mm512_setzero_si512();
   for (; e + 16 <= hi; e += 16) {
     const __m512i k = keys16<MODELS>(t, pre, e);
-    above += __builtin_popcount(_mm512_cmpgt_epu32_mask(k, vhi));
-    bad += __builtin_popcount(_mm512_cmpeq_epu32_mask(k, vinf));
+    above16 = _mm512_mask_add_epi32(above16, _mm512_cmpgt_epu32_mask(k, vhi), above16, one);
+    kmax = _mm512_max_epu32(kmax, k);
     const __mmask16 in = _mm512_cmpge_epu32_mask(k, vlo) & _mm512_cmple_epu32_mask(k, vhi);
     if (in) {
       const int c = __builtin_popcount(in);
@@ -493,6 +499,10 @@ pymerge::cpu::BandResult ties_band_form(const P* t, const P* pre, int64_t lo, in
       }
     }
   }
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, above16);
+  for (int j = 0; j < 16; ++j) above += lanes[j];
+  bad += _mm512_reduce_max_epu32(kmax) == 0x7f800000u;
 #endif
   for (; e < hi; ++e) {
     const uint32_t k = tau_key<MODELS>(t, pre, e);
