@@ -198,17 +198,40 @@ uint32_t kth_largest_of(uint32_t* keys, int64_t len, int64_t k) {
   return keys[k - 1];
 }
 
-// The k-th largest of keys[0, len), all in [klo, khi] and multiples of 2^shift (bf16 keys have 16 zero low bits,
-// fp16 keys 13): when that range holds few possible values (quantised data, such as bf16 task vectors, put many
-// keys on each), counting them beats a selection over many candidates.
-uint32_t kth_largest_in_band(uint32_t* keys, int64_t len, int64_t k, uint32_t klo, uint32_t khi, int shift) {
+// The k-th largest of the keys in parts[j][0, lens[j]) (all in [klo, khi], multiples of 2^shift: bf16 keys have
+// 16 zero low bits, fp16 keys 13). When that range holds few possible values (quantised data, such as bf16 task
+// vectors, put many keys on each), they are counted in place (four interleaved histograms, so equal neighbours do
+// not wait on each other's increments); otherwise they are gathered and selected.
+uint32_t kth_largest_in_band(const std::vector<uint32_t*>& parts, const std::vector<int64_t>& lens, int64_t k,
+                             uint32_t klo, uint32_t khi, int shift) {
+  int64_t len = 0;
+  for (int64_t l : lens) len += l;
   const uint32_t bins = ((khi - klo) >> shift) + 1;
-  if (bins > (1u << 16) || static_cast<int64_t>(bins) * 4 > len) return kth_largest_of(keys, len, k);
-  std::vector<int64_t> count(bins, 0);
-  for (int64_t j = 0; j < len; ++j) ++count[(keys[j] - klo) >> shift];
+  if (bins > (1u << 16) || static_cast<int64_t>(bins) * 4 > len) {
+    uint32_t* at = parts[0];
+    for (size_t j = 0; j < parts.size(); ++j) {
+      if (parts[j] != at) std::memmove(at, parts[j], static_cast<size_t>(lens[j]) * sizeof(uint32_t));
+      at += lens[j];
+    }
+    return kth_largest_of(parts[0], len, k);
+  }
+  std::vector<int64_t> count(4 * static_cast<size_t>(bins), 0);
+  for (size_t j = 0; j < parts.size(); ++j) {
+    const uint32_t* p = parts[j];
+    const int64_t l = lens[j];
+    int64_t e = 0;
+    for (; e + 4 <= l; e += 4) {
+      ++count[(p[e] - klo) >> shift];
+      ++count[bins + ((p[e + 1] - klo) >> shift)];
+      ++count[2 * bins + ((p[e + 2] - klo) >> shift)];
+      ++count[3 * bins + ((p[e + 3] - klo) >> shift)];
+    }
+    for (; e < l; ++e) ++count[(p[e] - klo) >> shift];
+  }
   for (int64_t b = bins - 1; b >= 0; --b) {
-    if (count[b] >= k) return klo + (static_cast<uint32_t>(b) << shift);
-    k -= count[b];
+    const int64_t c = count[b] + count[bins + b] + count[2 * bins + b] + count[3 * bins + b];
+    if (c >= k) return klo + (static_cast<uint32_t>(b) << shift);
+    k -= c;
   }
   return klo;
 }
@@ -288,15 +311,14 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
           miss[j] = 1;
           continue;
         }
-        // Gather the chunks' candidates at the front of this model's buffer and select among them.
-        uint32_t* base = cand.get() + j * chunks * slot;
-        int64_t at = 0;
+        // Select among the chunks' candidates (counted in place, or gathered at the front of the buffer).
+        std::vector<uint32_t*> parts;
+        std::vector<int64_t> lens;
         for (int64_t c = 0; c < chunks; ++c) {
-          const uint32_t* src = base + c * slot;
-          std::memmove(base + at, src, static_cast<size_t>(res[j * chunks + c].stored) * sizeof(uint32_t));
-          at += res[j * chunks + c].stored;
+          parts.push_back(cand.get() + (j * chunks + c) * slot);
+          lens.push_back(res[j * chunks + c].stored);
         }
-        thr[i] = kth_largest_in_band(base, at, k - above, klo[i], khi[i], shift);
+        thr[i] = kth_largest_in_band(parts, lens, k - above, klo[i], khi[i], shift);
       }
     }
     for (int j = 0; j < g; ++j)
