@@ -155,6 +155,22 @@ inline float bits_f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 
 constexpr uint32_t kInfKey = 0x7f800000u;  // magnitude key of +-inf and NaN
 
+// f(i) for i in [0, count) on torch's intra-op threads, handed out one at a time (dynamic), not split into one
+// contiguous share per thread as at::parallel_for does: on a shared machine (or beside the engine's reader
+// thread) a descheduled thread's share is then taken over by the others instead of being waited for.
+template <typename F>
+void ties_parallel(int64_t count, const F& f) {
+#ifdef _OPENMP
+  const int nt = at::get_num_threads();
+  if (count > 1 && nt > 1 && !at::in_parallel_region()) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < count; ++i) f(i);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < count; ++i) f(i);
+}
+
 // The k-th largest magnitude key by an exact two-pass radix select over 16-bit digits (the fallback of the
 // sampled selection below): histogram the keys' high 16 bits, find the bin holding the k-th largest, then
 // histogram the low 16 bits of the keys in that bin. Chunks count into their own histograms in parallel.
@@ -275,7 +291,7 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
   // task vectors) can put far more keys in the band than the sample predicts, and they must not overflow. Left
   // uninitialised, so only the pages the candidates fill are ever touched (about 2% of the tensor; more when
   // many keys are equal).
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), n / kGrain));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64 * at::get_num_threads(), n / kGrain));
   const int64_t cap = n / chunks + 1;
   const int64_t slot = cap + 64;
   const int shift = dt == cpu::kBF16 ? 16 : dt == cpu::kF16 ? 13 : 0;  // zero low bits of every key
@@ -284,14 +300,12 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
   std::vector<int> radix;  // models whose band missed
   for (int g0 = 0; g0 < m; g0 += kGroup) {
     const int g = std::min(kGroup, m - g0);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = n / chunks * c + std::min(c, n % chunks);
-        const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
-        for (int j = 0; j < g; ++j)
-          res[j * chunks + c] = kt.ties_band[dt](tp[g0 + j], pre, lo, hi, klo[g0 + j], khi[g0 + j],
-                                                 cand.get() + (j * chunks + c) * slot, cap);
-      }
+    ties_parallel(chunks, [&](int64_t c) {
+      const int64_t lo = n / chunks * c + std::min(c, n % chunks);
+      const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
+      for (int j = 0; j < g; ++j)
+        res[j * chunks + c] = kt.ties_band[dt](tp[g0 + j], pre, lo, hi, klo[g0 + j], khi[g0 + j],
+                                               cand.get() + (j * chunks + c) * slot, cap);
     });
     std::vector<uint8_t> miss(static_cast<size_t>(g), 0);
     {  // serial: on this small, shared machine a parallel region per step cost more in spinning than it saved
@@ -361,7 +375,8 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
   int pre_nonfinite = 0;
   const cpu::TiesArgs args{pre.data_ptr(), tp.data(), m, thr, static_cast<float>(lam), out.data_ptr(),
                            models, check_finite, &pre_nonfinite};
-  run_chunks(kt.ties_merge[dt], &args, n);
+  const int64_t pieces = (n + kGrain - 1) / kGrain;
+  ties_parallel(pieces, [&](int64_t c) { kt.ties_merge[dt](&args, c * kGrain, std::min(n, (c + 1) * kGrain)); });
   if (check_finite && pre_nonfinite) ties_raise_nonfinite(pre, ts, models);
   return out;
 }
