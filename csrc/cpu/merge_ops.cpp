@@ -158,11 +158,16 @@ constexpr uint32_t kInfKey = 0x7f800000u;  // magnitude key of +-inf and NaN
 // f(i) for i in [0, count) on torch's intra-op threads, handed out one at a time (dynamic), not split into one
 // contiguous share per thread as at::parallel_for does: on a shared machine (or beside the engine's reader
 // thread) a descheduled thread's share is then taken over by the others instead of being waited for.
+// Tensors under kTiesSerialBelow elements run on the calling thread alone: there a parallel region's start,
+// barriers and the other threads' spinning cost more than the second core gives (and the engine's reader thread
+// has a core to itself meanwhile).
+constexpr int64_t kTiesSerialBelow = int64_t{1} << 20;
+
 template <typename F>
-void ties_parallel(int64_t count, const F& f) {
+void ties_parallel(int64_t count, int64_t n, const F& f) {
 #ifdef _OPENMP
   const int nt = at::get_num_threads();
-  if (count > 1 && nt > 1 && !at::in_parallel_region()) {
+  if (count > 1 && nt > 1 && n >= kTiesSerialBelow && !at::in_parallel_region()) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < count; ++i) f(i);
     return;
@@ -300,7 +305,7 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
   std::vector<int> radix;  // models whose band missed
   for (int g0 = 0; g0 < m; g0 += kGroup) {
     const int g = std::min(kGroup, m - g0);
-    ties_parallel(chunks, [&](int64_t c) {
+    ties_parallel(chunks, n, [&](int64_t c) {
       const int64_t lo = n / chunks * c + std::min(c, n % chunks);
       const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
       for (int j = 0; j < g; ++j)
@@ -376,7 +381,7 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
   const cpu::TiesArgs args{pre.data_ptr(), tp.data(), m, thr, static_cast<float>(lam), out.data_ptr(),
                            models, check_finite, &pre_nonfinite};
   const int64_t pieces = (n + kGrain - 1) / kGrain;
-  ties_parallel(pieces, [&](int64_t c) { kt.ties_merge[dt](&args, c * kGrain, std::min(n, (c + 1) * kGrain)); });
+  ties_parallel(pieces, n, [&](int64_t c) { kt.ties_merge[dt](&args, c * kGrain, std::min(n, (c + 1) * kGrain)); });
   if (check_finite && pre_nonfinite) ties_raise_nonfinite(pre, ts, models);
   return out;
 }
