@@ -292,19 +292,21 @@ bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const
     khi[i] = r_hi < 1 ? std::numeric_limits<uint32_t>::max() : kth_largest_of(sample.data(), kSample, r_hi);
     klo[i] = r_lo > kSample ? 0u : kth_largest_of(sample.data(), kSample, r_lo);
   }
-  // Element chunks, each with its own candidate buffer per model, as long as the chunk: quantised values (bf16
-  // task vectors) can put far more keys in the band than the sample predicts, and they must not overflow. Left
-  // uninitialised, so only the pages the candidates fill are ever touched (about 2% of the tensor; more when
-  // many keys are equal).
+  // Element chunks, each with its own candidate buffer per model: room for 8x the expected band (quantised values,
+  // such as bf16 task vectors, put several times more keys in the band than the sample predicts; beyond that the
+  // radix select runs). Left uninitialised, so only the pages the candidates fill are ever touched. Very large
+  // tensors take one model per pass, so the buffers' address space stays below the tensor's own size.
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64 * at::get_num_threads(), n / kGrain));
-  const int64_t cap = n / chunks + 1;
+  const double band_frac = static_cast<double>(r_lo - r_hi) / kSample;
+  const int64_t cap = std::min<int64_t>(n / chunks + 1, static_cast<int64_t>(8.0 * band_frac * (n / chunks)) + 4096);
   const int64_t slot = cap + 64;
+  const int group = n > (int64_t{1} << 27) ? 1 : std::min(m, kGroup);
   const int shift = dt == cpu::kBF16 ? 16 : dt == cpu::kF16 ? 13 : 0;  // zero low bits of every key
-  std::unique_ptr<uint32_t[]> cand(new uint32_t[static_cast<size_t>(std::min(m, kGroup) * chunks * slot)]);
-  std::vector<cpu::BandResult> res(static_cast<size_t>(std::min(m, kGroup) * chunks));
+  std::unique_ptr<uint32_t[]> cand(new uint32_t[static_cast<size_t>(group * chunks * slot)]);
+  std::vector<cpu::BandResult> res(static_cast<size_t>(group * chunks));
   std::vector<int> radix;  // models whose band missed
-  for (int g0 = 0; g0 < m; g0 += kGroup) {
-    const int g = std::min(kGroup, m - g0);
+  for (int g0 = 0; g0 < m; g0 += group) {
+    const int g = std::min(group, m - g0);
     ties_parallel(chunks, n, [&](int64_t c) {
       const int64_t lo = n / chunks * c + std::min(c, n % chunks);
       const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
