@@ -562,7 +562,8 @@ def sq_grad_accumulate(fisher: torch.Tensor, inputs: torch.Tensor, grad_outputs:
     """In place: fisher [d, k] (fp32) += Σ_n w_n (Z_nᵀ G_n)² for Z = inputs [N, T, d], G = grad_outputs [N, T, k].
 
     [N, d] / [N, k] mean T = 1 (one GEMM on the squares). fp16/bf16 inputs accumulate in fp32; per-example
-    gradients are only ever formed a memory-bounded chunk at a time (PYMERGE_SQ_GRAD_BUDGET_MB, default 8 on CPU, 32 on CUDA).
+    gradients are only ever formed a memory-bounded chunk at a time (PYMERGE_SQ_GRAD_BUDGET_MB, default 8 on CPU,
+    32 on CUDA).
     """
     z, g = _check_sq_grad(fisher, inputs, grad_outputs, weights)
     if _has_kernel("sq_grad_accumulate", fisher.device):

@@ -261,7 +261,8 @@ def compact_exact_rounds(p: torch.Tensor) -> torch.Tensor:
 def cotangents(out: Outcomes, mode: str, num_samples: int, generator: torch.Generator, index: int,
                compact: bool = False) -> torch.Tensor:
     """[R, N, F, C] output gradients of the log-probabilities, one slice per pseudo-example round R, such that
-    Σ_r (∂/∂θ <cot_r, log p>)² is the per-example E_y (∂ log p(y)/∂θ)² of the mode: empirical (R = 1, the label),
+    Σ_r (∂/∂θ <cot_r, log p>)² is the per-example E_y (∂ log p(y)/∂θ)² of the mode: empirical (R = 1, the
+    label),
     exact (R = C, class c scaled by √p_c; with compact=True R = C - 1 rounds of `compact_exact_rounds`, valid
     when log p is a normalised distribution as a function of θ, e.g. a log-softmax) or sampled (R = num_samples
     draws, each scaled by 1/√num_samples). Sampled draws use `generator` (seeded by the caller: seed * 1_000_003
