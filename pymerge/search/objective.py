@@ -312,7 +312,7 @@ class DFMergeObjective:
         # sent to a torch.multiprocessing worker, every tensor would be moved into shared memory: the workers would
         # then write their points into one working body (and scratch) at once and score each other's merges
         raise TypeError("DFMergeObjective is not picklable: it owns a working model that it overwrites in place; "
-                        "a worker process builds its own (pymerge.search.api._make_pool / _worker_evaluate)")
+                        "a worker process builds its own (pymerge.search.workers.make_pool / worker_evaluate)")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
