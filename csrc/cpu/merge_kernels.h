@@ -61,6 +61,68 @@ template <> inline f16_t from_f<f16_t>(float x) {
   return f16_t{static_cast<uint16_t>(h | sign)};
 }
 
+// ---- vectorised fp16 / bf16 <-> fp32 (AVX2 / AVX-512 builds) ------------------------------------------
+// fp16 goes through F16C's vcvtph2ps / vcvtps2ph (exact, round to nearest even: the same bits as the scalar
+// code above, which GCC cannot vectorise well: ~15 integer ops per element). The element-wise kernels stage fp16
+// inputs through small fp32 buffers converted this way (kSub elements at a time, in L1) and run their fp32 loops
+// on them. bf16 stays inline (a widening load and a shift; rounding back is a few integer ops): AVX512_BF16's
+// vcvtneps2bf16 is not used because it flushes subnormal results to zero, which torch does not.
+template <typename P> struct Staged { static constexpr bool value = false; };
+#if defined(PYMERGE_AVX512) || defined(PYMERGE_AVX2)
+template <> struct Staged<f16_t> { static constexpr bool value = true; };
+#endif
+constexpr int64_t kSub = 256;  // staging sub-block: 1 KiB per fp32 buffer
+
+#if defined(PYMERGE_AVX512)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16_t* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+inline __m512 load16(const f16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(bf16_t* p, __m512 x) {  // as from_f<bf16_t>: round to nearest even, NaN -> 0x7fc0
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __m512i h = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h));
+}
+inline void store16(f16_t* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+// fp32 copies of src[0, len) into dst, and back; only the staged types use these.
+inline void load_block(const f16_t* src, int64_t len, float* dst) {
+  int64_t e = 0;
+#if defined(PYMERGE_AVX512)
+  for (; e + 16 <= len; e += 16) _mm512_storeu_ps(dst + e, load16(src + e));
+#elif defined(PYMERGE_AVX2)
+  for (; e + 8 <= len; e += 8)
+    _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
+#endif
+  for (; e < len; ++e) dst[e] = to_f(src[e]);
+}
+inline void load_block(const float*, int64_t, float*) {}  // never called: fp32 is not staged
+inline void load_block(const bf16_t*, int64_t, float*) {}
+inline void store_block(f16_t* dst, const float* src, int64_t len) {
+  int64_t e = 0;
+#if defined(PYMERGE_AVX512)
+  for (; e + 16 <= len; e += 16) store16(dst + e, _mm512_loadu_ps(src + e));
+#elif defined(PYMERGE_AVX2)
+  for (; e + 8 <= len; e += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + e),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; e < len; ++e) dst[e] = from_f<f16_t>(src[e]);
+}
+inline void store_block(float*, const float*, int64_t) {}
+inline void store_block(bf16_t*, const float*, int64_t) {}
+
 // |x| as an ordered key: the bits of |x| (non-negative floats order like their bit patterns); NaN -> +inf.
 inline uint32_t key_bits(uint32_t abs_bits) { return abs_bits > 0x7f800000u ? 0x7f800000u : abs_bits; }
 inline uint32_t magnitude_key(float x) { return key_bits(f_bits(x) & 0x7fffffffu); }
@@ -70,8 +132,22 @@ inline uint32_t magnitude_key(f16_t x) { return magnitude_key(to_f(x)); }
 // ---- weighted_sum: base + Σ w_i t_i ---------------------------------------------------------------
 enum Init { kFromAcc, kZero, kFromBase };
 
-template <int G, Init I, typename P>
-inline void ws_group(const P* const* x, const float* w, const P* base, int64_t b0, int64_t len, float* acc) {
+// One group of G models over [b0, b0 + len). OUT: the group is the only one (M <= 4), so it writes the output
+// directly (o, already offset by b0) and the accumulators are never touched: no second pass over the block.
+template <int G, Init I, bool OUT, typename P>
+inline void ws_group(const P* const* x, const float* w, const P* base, int64_t b0, int64_t len, float* acc, P* o) {
+  if constexpr (Staged<P>::value) {  // fp16 on AVX2 / AVX-512: convert kSub elements at a time, run the fp32 loop
+    alignas(64) float s[G + 1][kSub];
+    for (int64_t s0 = 0; s0 < len; s0 += kSub) {
+      const int64_t sl = min64(kSub, len - s0);
+      const float* sp[4];
+      for (int g = 0; g < G; ++g) { load_block(x[g] + b0 + s0, sl, s[g]); sp[g] = s[g]; }
+      if constexpr (I == kFromBase) load_block(base + b0 + s0, sl, s[G]);
+      ws_group<G, I, false, float>(sp, w, s[G], 0, sl, acc + s0, nullptr);
+      if constexpr (OUT) store_block(o + s0, acc + s0, sl);
+    }
+    return;
+  }
   const P* x0 = x[0] + b0; const P* x1 = x[G > 1 ? 1 : 0] + b0;
   const P* x2 = x[G > 2 ? 2 : 0] + b0; const P* x3 = x[G > 3 ? 3 : 0] + b0;
   const float w0 = w[0], w1 = G > 1 ? w[1] : 0.f, w2 = G > 2 ? w[2] : 0.f, w3 = G > 3 ? w[3] : 0.f;
@@ -83,17 +159,19 @@ inline void ws_group(const P* const* x, const float* w, const P* base, int64_t b
     if constexpr (G > 1) a += w1 * to_f(x1[e]);
     if constexpr (G > 2) a += w2 * to_f(x2[e]);
     if constexpr (G > 3) a += w3 * to_f(x3[e]);
-    acc[e] = a;
+    if constexpr (OUT) o[e] = from_f<P>(a);
+    else acc[e] = a;
   }
 }
 
-template <Init I, typename P>
-inline void ws_any(int g, const P* const* x, const float* w, const P* base, int64_t b0, int64_t len, float* acc) {
+template <Init I, bool OUT, typename P>
+inline void ws_any(int g, const P* const* x, const float* w, const P* base, int64_t b0, int64_t len, float* acc,
+                   P* o) {
   switch (g) {
-    case 4: ws_group<4, I>(x, w, base, b0, len, acc); break;
-    case 3: ws_group<3, I>(x, w, base, b0, len, acc); break;
-    case 2: ws_group<2, I>(x, w, base, b0, len, acc); break;
-    default: ws_group<1, I>(x, w, base, b0, len, acc); break;
+    case 4: ws_group<4, I, OUT>(x, w, base, b0, len, acc, o); break;
+    case 3: ws_group<3, I, OUT>(x, w, base, b0, len, acc, o); break;
+    case 2: ws_group<2, I, OUT>(x, w, base, b0, len, acc, o); break;
+    default: ws_group<1, I, OUT>(x, w, base, b0, len, acc, o); break;
   }
 }
 
@@ -106,15 +184,24 @@ void weighted_sum_chunk(const void* args, int64_t lo, int64_t hi) {
   alignas(64) float acc[kBlock];
   for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
     const int64_t len = min64(kBlock, hi - b0);
+    P* o = out + b0;
+    if (a.m <= 4) {  // one group: straight to the output
+      if (base) ws_any<kFromBase, true>(a.m, x, a.w, base, b0, len, acc, o);
+      else ws_any<kZero, true>(a.m, x, a.w, base, b0, len, acc, o);
+      continue;
+    }
     for (int i = 0; i < a.m; i += 4) {
       const int g = a.m - i < 4 ? a.m - i : 4;
-      if (i > 0) ws_any<kFromAcc>(g, x + i, a.w + i, base, b0, len, acc);
-      else if (base) ws_any<kFromBase>(g, x + i, a.w + i, base, b0, len, acc);
-      else ws_any<kZero>(g, x + i, a.w + i, base, b0, len, acc);
+      if (i > 0) ws_any<kFromAcc, false>(g, x + i, a.w + i, base, b0, len, acc, o);
+      else if (base) ws_any<kFromBase, false>(g, x + i, a.w + i, base, b0, len, acc, o);
+      else ws_any<kZero, false>(g, x + i, a.w + i, base, b0, len, acc, o);
     }
-    P* o = out + b0;
+    if constexpr (Staged<P>::value) {
+      store_block(o, acc, len);
+    } else {
 #pragma omp simd
-    for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(acc[e]);
+      for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(acc[e]);
+    }
   }
 }
 
@@ -122,6 +209,22 @@ void weighted_sum_chunk(const void* args, int64_t lo, int64_t hi) {
 template <int G, bool FIRST, bool AVG, typename P, typename F>
 inline void fisher_group(const P* const* x, const F* const* f, const float* w, int64_t b0, int64_t len, float* num,
                          float* den, float* wp) {
+  if constexpr (Staged<P>::value || Staged<F>::value) {  // fp16 on AVX2 / AVX-512: fp32 loop on converted copies
+    alignas(64) float sx[Staged<P>::value ? G : 1][kSub], sf[Staged<F>::value ? G : 1][kSub];
+    for (int64_t s0 = 0; s0 < len; s0 += kSub) {
+      const int64_t sl = min64(kSub, len - s0);
+      const float* px[4];
+      const float* pf[4];
+      for (int g = 0; g < G; ++g) {
+        if constexpr (Staged<P>::value) { load_block(x[g] + b0 + s0, sl, sx[g]); px[g] = sx[g]; }
+        else px[g] = reinterpret_cast<const float*>(x[g]) + b0 + s0;
+        if constexpr (Staged<F>::value) { load_block(f[g] + b0 + s0, sl, sf[g]); pf[g] = sf[g]; }
+        else pf[g] = reinterpret_cast<const float*>(f[g]) + b0 + s0;
+      }
+      fisher_group<G, FIRST, AVG, float, float>(px, pf, w, 0, sl, num + s0, den + s0, wp + s0);
+    }
+    return;
+  }
   const P* x0 = x[0] + b0; const P* x1 = x[G > 1 ? 1 : 0] + b0;
   const P* x2 = x[G > 2 ? 2 : 0] + b0; const P* x3 = x[G > 3 ? 3 : 0] + b0;
   const F* f0 = f[0] + b0; const F* f1 = f[G > 1 ? 1 : 0] + b0;
@@ -181,7 +284,13 @@ void fisher_blocks(const pymerge::cpu::FisherArgs& a, int64_t lo, int64_t hi) {
       else fisher_any<false, AVG>(g, x + i, f + i, a.w + i, b0, len, num, den, wp);
     }
     P* o = out + b0;
-    if constexpr (AVG) {
+    if constexpr (Staged<P>::value) {  // finish in fp32 (into num), then one vectorised conversion
+      if constexpr (!AVG) load_block(x[0] + b0, len, wp);  // the fallback value: θ_0 (wp is free without AVG)
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e)
+        num[e] = pymerge::fisher_finish(num[e], den[e], eps, AVG ? wp[e] / wsum : wp[e]);
+      store_block(o, num, len);
+    } else if constexpr (AVG) {
 #pragma omp simd
       for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(pymerge::fisher_finish(num[e], den[e], eps, wp[e] / wsum));
     } else {
@@ -203,6 +312,22 @@ void fisher_merge_chunk(const void* args, int64_t lo, int64_t hi) {
 template <int G, bool FIRST, typename P, typename F>
 inline void df_group(const P* const* t, const F* const* f, const float* lam, int64_t b0, int64_t len, float* num,
                      float* den, float* plain) {
+  if constexpr (Staged<P>::value || Staged<F>::value) {  // fp16 on AVX2 / AVX-512: fp32 loop on converted copies
+    alignas(64) float st[Staged<P>::value ? G : 1][kSub], sf[Staged<F>::value ? G : 1][kSub];
+    for (int64_t s0 = 0; s0 < len; s0 += kSub) {
+      const int64_t sl = min64(kSub, len - s0);
+      const float* pt[4];
+      const float* pf[4];
+      for (int g = 0; g < G; ++g) {
+        if constexpr (Staged<P>::value) { load_block(t[g] + b0 + s0, sl, st[g]); pt[g] = st[g]; }
+        else pt[g] = reinterpret_cast<const float*>(t[g]) + b0 + s0;
+        if constexpr (Staged<F>::value) { load_block(f[g] + b0 + s0, sl, sf[g]); pf[g] = sf[g]; }
+        else pf[g] = reinterpret_cast<const float*>(f[g]) + b0 + s0;
+      }
+      df_group<G, FIRST, float, float>(pt, pf, lam, 0, sl, num + s0, den + s0, plain + s0);
+    }
+    return;
+  }
   const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
   const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
   const F* f0 = f[0] + b0; const F* f1 = f[G > 1 ? 1 : 0] + b0;
@@ -260,9 +385,17 @@ void dfmerge_combine_chunk(const void* args, int64_t lo, int64_t hi) {
     }
     const P* pr = pre + b0;
     P* o = out + b0;
+    if constexpr (Staged<P>::value) {  // finish in fp32 (into num), then one vectorised conversion
+      alignas(64) float spre[kBlock];
+      load_block(pr, len, spre);
 #pragma omp simd
-    for (int64_t e = 0; e < len; ++e)
-      o[e] = from_f<P>(pymerge::dfmerge_finish(to_f(pr[e]), num[e], den[e], plain[e], mf, eps));
+      for (int64_t e = 0; e < len; ++e) num[e] = pymerge::dfmerge_finish(spre[e], num[e], den[e], plain[e], mf, eps);
+      store_block(o, num, len);
+    } else {
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e)
+        o[e] = from_f<P>(pymerge::dfmerge_finish(to_f(pr[e]), num[e], den[e], plain[e], mf, eps));
+    }
   }
 }
 
@@ -436,6 +569,26 @@ pymerge::cpu::BandResult ties_band(const void* tv, int64_t lo, int64_t hi, uint3
 }
 
 // ---- dare: drop with probability p (counter-based hash of (seed, index)), rescale by 1/(1-p) ----------
+// The same decision as pymerge::dare_apply (merge_math.h, also the CUDA kernel and ops.dare_random_bits), computed
+// more cheaply: the counter z_e = key + (e + 1) * golden advances by golden per element (an add, not a 64-bit
+// multiply), and mix64's last step z ^ (z >> 31) leaves bits 40..63 as they are, so r_e = (its input) >> 40.
+inline uint32_t dare_r(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>(z >> 40);
+}
+
+#if defined(PYMERGE_AVX512)
+// Keep bits of 8 consecutive elements with counters z (vpmullq: AVX-512DQ).
+inline __mmask8 dare_keep8(__m512i z, __m512i thr) {
+  z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 30));
+  z = _mm512_mullo_epi64(z, _mm512_set1_epi64(static_cast<long long>(0xBF58476D1CE4E5B9ull)));
+  z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 27));
+  z = _mm512_mullo_epi64(z, _mm512_set1_epi64(static_cast<long long>(0x94D049BB133111EBull)));
+  return _mm512_cmpge_epu64_mask(_mm512_srli_epi64(z, 40), thr);
+}
+#endif
+
 template <typename P>
 void dare_chunk(const void* args, int64_t lo, int64_t hi) {
   const auto& a = *static_cast<const pymerge::cpu::DareArgs*>(args);
@@ -444,8 +597,31 @@ void dare_chunk(const void* args, int64_t lo, int64_t hi) {
   const uint64_t key = a.key;
   const uint32_t thr = a.threshold;
   const float scale = a.scale;
+  int64_t e = lo;
+#if defined(PYMERGE_AVX512)
+  {
+    const uint64_t g = pymerge::kGolden;
+    const __m512i lanes = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);  // e + 1 .. e + 8
+    __m512i z0 = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(key + static_cast<uint64_t>(lo) * g)),
+                                  _mm512_mullo_epi64(lanes, _mm512_set1_epi64(static_cast<long long>(g))));
+    const __m512i step8 = _mm512_set1_epi64(static_cast<long long>(8 * g));
+    const __m512i step16 = _mm512_set1_epi64(static_cast<long long>(16 * g));
+    const __m512i vthr = _mm512_set1_epi64(thr);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (; e + 16 <= hi; e += 16) {
+      const __mmask16 keep = static_cast<__mmask16>(
+          dare_keep8(z0, vthr) | (static_cast<unsigned>(dare_keep8(_mm512_add_epi64(z0, step8), vthr)) << 8));
+      store16(o + e, _mm512_maskz_mul_ps(keep, load16(x + e), vscale));
+      z0 = _mm512_add_epi64(z0, step16);
+    }
+  }
+#endif
+  const uint64_t z = key + static_cast<uint64_t>(e + 1) * pymerge::kGolden;
 #pragma omp simd
-  for (int64_t e = lo; e < hi; ++e) o[e] = from_f<P>(pymerge::dare_apply(to_f(x[e]), key, e, thr, scale));
+  for (int64_t i = e; i < hi; ++i) {
+    const uint64_t zi = z + static_cast<uint64_t>(i - e) * pymerge::kGolden;
+    o[i] = from_f<P>(dare_r(zi) < thr ? 0.f : to_f(x[i]) * scale);
+  }
 }
 
 const pymerge::cpu::KernelTable kTable = {
