@@ -579,13 +579,14 @@ inline uint32_t dare_r(uint64_t z) {
 }
 
 #if defined(PYMERGE_AVX512)
-// Keep bits of 8 consecutive elements with counters z (vpmullq: AVX-512DQ).
-inline __mmask8 dare_keep8(__m512i z, __m512i thr) {
+// Keep bits of 8 consecutive elements with counters z (vpmullq: AVX-512DQ): r >= thr <=> z >= thr << 40 for the
+// final z, as r = z >> 40 (thr < 2^24 here).
+inline __mmask8 dare_keep8(__m512i z, __m512i thr40) {
   z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 30));
   z = _mm512_mullo_epi64(z, _mm512_set1_epi64(static_cast<long long>(0xBF58476D1CE4E5B9ull)));
   z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 27));
   z = _mm512_mullo_epi64(z, _mm512_set1_epi64(static_cast<long long>(0x94D049BB133111EBull)));
-  return _mm512_cmpge_epu64_mask(_mm512_srli_epi64(z, 40), thr);
+  return _mm512_cmpge_epu64_mask(z, thr40);
 }
 #endif
 
@@ -599,18 +600,17 @@ void dare_chunk(const void* args, int64_t lo, int64_t hi) {
   const float scale = a.scale;
   int64_t e = lo;
 #if defined(PYMERGE_AVX512)
-  {
+  if (thr < (1u << 24)) {  // else every element is dropped: the scalar loop below
     const uint64_t g = pymerge::kGolden;
     const __m512i lanes = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);  // e + 1 .. e + 8
     __m512i z0 = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(key + static_cast<uint64_t>(lo) * g)),
                                   _mm512_mullo_epi64(lanes, _mm512_set1_epi64(static_cast<long long>(g))));
     const __m512i step8 = _mm512_set1_epi64(static_cast<long long>(8 * g));
     const __m512i step16 = _mm512_set1_epi64(static_cast<long long>(16 * g));
-    const __m512i vthr = _mm512_set1_epi64(thr);
+    const __m512i vthr = _mm512_set1_epi64(static_cast<long long>(static_cast<uint64_t>(thr) << 40));
     const __m512 vscale = _mm512_set1_ps(scale);
     for (; e + 16 <= hi; e += 16) {
-      const __mmask16 keep = static_cast<__mmask16>(
-          dare_keep8(z0, vthr) | (static_cast<unsigned>(dare_keep8(_mm512_add_epi64(z0, step8), vthr)) << 8));
+      const __mmask16 keep = _mm512_kunpackb(dare_keep8(_mm512_add_epi64(z0, step8), vthr), dare_keep8(z0, vthr));
       store16(o + e, _mm512_maskz_mul_ps(keep, load16(x + e), vscale));
       z0 = _mm512_add_epi64(z0, step16);
     }
