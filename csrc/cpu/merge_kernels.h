@@ -63,12 +63,15 @@ template <> inline f16_t from_f<f16_t>(float x) {
 
 // ---- vectorised fp16 / bf16 <-> fp32 (AVX2 / AVX-512 builds) ------------------------------------------
 // fp16 goes through F16C's vcvtph2ps / vcvtps2ph (exact, round to nearest even: the same bits as the scalar
-// code above, which GCC cannot vectorise well: ~15 integer ops per element). The element-wise kernels stage fp16
-// inputs through small fp32 buffers converted this way (kSub elements at a time, in L1) and run their fp32 loops
-// on them. bf16 stays inline (a widening load and a shift; rounding back is a few integer ops): AVX512_BF16's
+// code above, which GCC cannot vectorise well: ~15 integer ops per element). On AVX-512 the element-wise kernels
+// have explicit 16-lane loops for fp16 (Direct); on AVX2 they stage fp16 inputs through small fp32 buffers
+// converted this way (kSub elements at a time, in L1) and run their fp32 loops on them (Staged). bf16 stays inline (a widening load and a shift; rounding back is a few integer ops): AVX512_BF16's
 // vcvtneps2bf16 is not used because it flushes subnormal results to zero, which torch does not.
 template <typename P> struct Staged { static constexpr bool value = false; };
-#if defined(PYMERGE_AVX512) || defined(PYMERGE_AVX2)
+template <typename P> struct Direct { static constexpr bool value = false; };
+#if defined(PYMERGE_AVX512)
+template <> struct Direct<f16_t> { static constexpr bool value = true; };  // explicit 16-lane loops (load16 / store16)
+#elif defined(PYMERGE_AVX2)
 template <> struct Staged<f16_t> { static constexpr bool value = true; };
 #endif
 constexpr int64_t kSub = 256;  // staging sub-block: 1 KiB per fp32 buffer
@@ -152,8 +155,25 @@ inline void ws_group(const P* const* x, const float* w, const P* base, int64_t b
   const P* x2 = x[G > 2 ? 2 : 0] + b0; const P* x3 = x[G > 3 ? 3 : 0] + b0;
   const float w0 = w[0], w1 = G > 1 ? w[1] : 0.f, w2 = G > 2 ? w[2] : 0.f, w3 = G > 3 ? w[3] : 0.f;
   const P* bp = base ? base + b0 : nullptr;
+  int64_t e0 = 0;
+#if defined(PYMERGE_AVX512)
+  if constexpr (Direct<P>::value) {  // 16 lanes at a time; the scalar loop below takes the tail
+    const __m512 v0 = _mm512_set1_ps(w0), v1 = _mm512_set1_ps(w1), v2 = _mm512_set1_ps(w2), v3 = _mm512_set1_ps(w3);
+    for (; e0 + 16 <= len; e0 += 16) {
+      __m512 a = _mm512_setzero_ps();
+      if constexpr (I == kFromAcc) a = _mm512_loadu_ps(acc + e0);
+      if constexpr (I == kFromBase) a = load16(bp + e0);
+      a = _mm512_fmadd_ps(v0, load16(x0 + e0), a);
+      if constexpr (G > 1) a = _mm512_fmadd_ps(v1, load16(x1 + e0), a);
+      if constexpr (G > 2) a = _mm512_fmadd_ps(v2, load16(x2 + e0), a);
+      if constexpr (G > 3) a = _mm512_fmadd_ps(v3, load16(x3 + e0), a);
+      if constexpr (OUT) store16(o + e0, a);
+      else _mm512_storeu_ps(acc + e0, a);
+    }
+  }
+#endif
 #pragma omp simd
-  for (int64_t e = 0; e < len; ++e) {
+  for (int64_t e = e0; e < len; ++e) {
     float a = I == kFromAcc ? acc[e] : (I == kFromBase ? to_f(bp[e]) : 0.f);
     a += w0 * to_f(x0[e]);
     if constexpr (G > 1) a += w1 * to_f(x1[e]);
@@ -196,7 +216,7 @@ void weighted_sum_chunk(const void* args, int64_t lo, int64_t hi) {
       else if (base) ws_any<kFromBase, false>(g, x + i, a.w + i, base, b0, len, acc, o);
       else ws_any<kZero, false>(g, x + i, a.w + i, base, b0, len, acc, o);
     }
-    if constexpr (Staged<P>::value) {
+    if constexpr (Staged<P>::value || Direct<P>::value) {
       store_block(o, acc, len);
     } else {
 #pragma omp simd
@@ -230,8 +250,32 @@ inline void fisher_group(const P* const* x, const F* const* f, const float* w, i
   const F* f0 = f[0] + b0; const F* f1 = f[G > 1 ? 1 : 0] + b0;
   const F* f2 = f[G > 2 ? 2 : 0] + b0; const F* f3 = f[G > 3 ? 3 : 0] + b0;
   const float w0 = w[0], w1 = G > 1 ? w[1] : 0.f, w2 = G > 2 ? w[2] : 0.f, w3 = G > 3 ? w[3] : 0.f;
+  int64_t e0 = 0;
+#if defined(PYMERGE_AVX512)
+  if constexpr (Direct<P>::value) {  // 16 lanes at a time; the scalar loop below takes the tail
+    const __m512 v0 = _mm512_set1_ps(w0), v1 = _mm512_set1_ps(w1), v2 = _mm512_set1_ps(w2), v3 = _mm512_set1_ps(w3);
+    for (; e0 + 16 <= len; e0 += 16) {
+      __m512 n = _mm512_setzero_ps(), d = _mm512_setzero_ps(), p = _mm512_setzero_ps();
+      if constexpr (!FIRST) { n = _mm512_loadu_ps(num + e0); d = _mm512_loadu_ps(den + e0); }
+      if constexpr (!FIRST && AVG) p = _mm512_loadu_ps(wp + e0);
+      auto step = [&](const P* xg, const F* fg, __m512 wg) {
+        const __m512 xv = load16(xg + e0), wf = _mm512_mul_ps(wg, load16(fg + e0));
+        n = _mm512_fmadd_ps(wf, xv, n);
+        d = _mm512_add_ps(d, wf);
+        if constexpr (AVG) p = _mm512_fmadd_ps(wg, xv, p);
+      };
+      step(x0, f0, v0);
+      if constexpr (G > 1) step(x1, f1, v1);
+      if constexpr (G > 2) step(x2, f2, v2);
+      if constexpr (G > 3) step(x3, f3, v3);
+      _mm512_storeu_ps(num + e0, n);
+      _mm512_storeu_ps(den + e0, d);
+      if constexpr (AVG) _mm512_storeu_ps(wp + e0, p);
+    }
+  }
+#endif
 #pragma omp simd
-  for (int64_t e = 0; e < len; ++e) {
+  for (int64_t e = e0; e < len; ++e) {
     float n = FIRST ? 0.f : num[e], d = FIRST ? 0.f : den[e], p = (FIRST || !AVG) ? 0.f : wp[e];
     {
       const float xv = to_f(x0[e]), wf = w0 * to_f(f0[e]);
@@ -284,6 +328,21 @@ void fisher_blocks(const pymerge::cpu::FisherArgs& a, int64_t lo, int64_t hi) {
       else fisher_any<false, AVG>(g, x + i, f + i, a.w + i, b0, len, num, den, wp);
     }
     P* o = out + b0;
+    int64_t e0 = 0;
+#if defined(PYMERGE_AVX512)
+    if constexpr (Direct<P>::value) {  // pymerge::fisher_finish, 16 lanes at a time; the loops below take the tail
+      const __m512 veps = _mm512_set1_ps(eps), vwsum = _mm512_set1_ps(wsum), one = _mm512_set1_ps(1.f);
+      const P* x0 = x[0] + b0;
+      for (; e0 + 16 <= len; e0 += 16) {
+        const __m512 d = _mm512_loadu_ps(den + e0);
+        const __mmask16 use = _mm512_cmp_ps_mask(d, veps, _CMP_GT_OQ);
+        const __m512 q = _mm512_div_ps(_mm512_loadu_ps(num + e0), _mm512_mask_blend_ps(use, one, d));
+        const __m512 fb = AVG ? _mm512_div_ps(_mm512_loadu_ps(wp + e0), vwsum) : load16(x0 + e0);
+        store16(o + e0, _mm512_mask_blend_ps(use, fb, q));
+      }
+    }
+#endif
+    if (e0 == len) continue;
     if constexpr (Staged<P>::value) {  // finish in fp32 (into num), then one vectorised conversion
       if constexpr (!AVG) load_block(x[0] + b0, len, wp);  // the fallback value: θ_0 (wp is free without AVG)
 #pragma omp simd
@@ -292,11 +351,11 @@ void fisher_blocks(const pymerge::cpu::FisherArgs& a, int64_t lo, int64_t hi) {
       store_block(o, num, len);
     } else if constexpr (AVG) {
 #pragma omp simd
-      for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(pymerge::fisher_finish(num[e], den[e], eps, wp[e] / wsum));
+      for (int64_t e = e0; e < len; ++e) o[e] = from_f<P>(pymerge::fisher_finish(num[e], den[e], eps, wp[e] / wsum));
     } else {
       const P* x0 = x[0] + b0;  // re-read from cache: the block was just streamed
 #pragma omp simd
-      for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(pymerge::fisher_finish(num[e], den[e], eps, to_f(x0[e])));
+      for (int64_t e = e0; e < len; ++e) o[e] = from_f<P>(pymerge::fisher_finish(num[e], den[e], eps, to_f(x0[e])));
     }
   }
 }
@@ -333,8 +392,33 @@ inline void df_group(const P* const* t, const F* const* f, const float* lam, int
   const F* f0 = f[0] + b0; const F* f1 = f[G > 1 ? 1 : 0] + b0;
   const F* f2 = f[G > 2 ? 2 : 0] + b0; const F* f3 = f[G > 3 ? 3 : 0] + b0;
   const float l0 = lam[0], l1 = G > 1 ? lam[1] : 0.f, l2 = G > 2 ? lam[2] : 0.f, l3 = G > 3 ? lam[3] : 0.f;
+  int64_t e0 = 0;
+#if defined(PYMERGE_AVX512)
+  if constexpr (Direct<P>::value) {  // 16 lanes at a time; the scalar loop below takes the tail
+    const __m512 v0 = _mm512_set1_ps(l0), v1 = _mm512_set1_ps(l1), v2 = _mm512_set1_ps(l2), v3 = _mm512_set1_ps(l3);
+    for (; e0 + 16 <= len; e0 += 16) {
+      __m512 n = _mm512_setzero_ps(), d = _mm512_setzero_ps(), p = _mm512_setzero_ps();
+      if constexpr (!FIRST) {
+        n = _mm512_loadu_ps(num + e0); d = _mm512_loadu_ps(den + e0); p = _mm512_loadu_ps(plain + e0);
+      }
+      auto step = [&](const P* tg, const F* fg, __m512 lg) {
+        const __m512 lt = _mm512_mul_ps(lg, load16(tg + e0)), ff = load16(fg + e0);
+        n = _mm512_fmadd_ps(ff, lt, n);
+        d = _mm512_add_ps(d, ff);
+        p = _mm512_add_ps(p, lt);
+      };
+      step(t0, f0, v0);
+      if constexpr (G > 1) step(t1, f1, v1);
+      if constexpr (G > 2) step(t2, f2, v2);
+      if constexpr (G > 3) step(t3, f3, v3);
+      _mm512_storeu_ps(num + e0, n);
+      _mm512_storeu_ps(den + e0, d);
+      _mm512_storeu_ps(plain + e0, p);
+    }
+  }
+#endif
 #pragma omp simd
-  for (int64_t e = 0; e < len; ++e) {
+  for (int64_t e = e0; e < len; ++e) {
     float n = FIRST ? 0.f : num[e], d = FIRST ? 0.f : den[e], p = FIRST ? 0.f : plain[e];
     {
       const float lt = l0 * to_f(t0[e]), ff = to_f(f0[e]);
@@ -385,6 +469,20 @@ void dfmerge_combine_chunk(const void* args, int64_t lo, int64_t hi) {
     }
     const P* pr = pre + b0;
     P* o = out + b0;
+    int64_t e0 = 0;
+#if defined(PYMERGE_AVX512)
+    if constexpr (Direct<P>::value) {  // pymerge::dfmerge_finish, 16 lanes at a time; the loop below takes the tail
+      const __m512 veps = _mm512_set1_ps(eps), vm = _mm512_set1_ps(mf), one = _mm512_set1_ps(1.f);
+      for (; e0 + 16 <= len; e0 += 16) {
+        const __m512 d = _mm512_loadu_ps(den + e0);
+        const __mmask16 use = _mm512_cmp_ps_mask(d, veps, _CMP_GT_OQ);
+        const __m512 q = _mm512_div_ps(_mm512_mul_ps(vm, _mm512_loadu_ps(num + e0)), _mm512_mask_blend_ps(use, one, d));
+        const __m512 delta = _mm512_mask_blend_ps(use, _mm512_loadu_ps(plain + e0), q);
+        store16(o + e0, _mm512_add_ps(load16(pr + e0), delta));
+      }
+    }
+#endif
+    if (e0 == len) continue;
     if constexpr (Staged<P>::value) {  // finish in fp32 (into num), then one vectorised conversion
       alignas(64) float spre[kBlock];
       load_block(pr, len, spre);
@@ -393,7 +491,7 @@ void dfmerge_combine_chunk(const void* args, int64_t lo, int64_t hi) {
       store_block(o, num, len);
     } else {
 #pragma omp simd
-      for (int64_t e = 0; e < len; ++e)
+      for (int64_t e = e0; e < len; ++e)
         o[e] = from_f<P>(pymerge::dfmerge_finish(to_f(pr[e]), num[e], den[e], plain[e], mf, eps));
     }
   }
