@@ -413,7 +413,7 @@ def test_wrappers_compile_with_fullgraph():
     torch.testing.assert_close(compiled(*ps, *fs), ops.fisher_merge([ps[0] * 2, ps[1]], fs, fallback="average") + 1)
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512", "avx512bf16"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_conversions_are_exact_for_every_bit_pattern(dtype, isa, monkeypatch):
     # The CPU kernels convert fp16 / bf16 <-> fp32 with their own code (branch-free scalar code the compiler
@@ -482,7 +482,7 @@ def test_out_must_match_and_be_contiguous():
 # ------------------------------------------------------------------------------------------------
 # every compiled instruction set (base / AVX2 / AVX-512 kernels, capped by PYMERGE_CPU_ISA) against the references
 # ------------------------------------------------------------------------------------------------
-ISAS = ["base", "avx2", "avx512"]  # a cap above what the CPU has runs the best it has: still a valid check
+ISAS = ["base", "avx2", "avx512", "avx512bf16"]  # a cap above what the CPU has runs the best it has: still a valid check
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -688,6 +688,41 @@ inline __mmask8 dare_keep8(__m512i z, __m512i thr40) {
 }
 #endif
 
+#if defined(PYMERGE_AVX512)
+// The vectorised DARE loop over whole 16-element steps from e; returns where it stopped.
+#define PYMERGE_DARE_STEPS(STORE)                                                                                   \
+  const uint64_t g = pymerge::kGolden;                                                                              \
+  const __m512i step8 = _mm512_set1_epi64(static_cast<long long>(8 * g));                                          \
+  const __m512i step16 = _mm512_set1_epi64(static_cast<long long>(16 * g));                                        \
+  for (; e + 16 <= hi; e += 16) {                                                                                   \
+    const __mmask16 keep = _mm512_kunpackb(dare_keep8(_mm512_add_epi64(z0, step8), vthr), dare_keep8(z0, vthr));  \
+    const __m512 y = _mm512_maskz_mul_ps(keep, load16(x + e), vscale);                                              \
+    STORE;                                                                                                          \
+    z0 = _mm512_add_epi64(z0, step16);                                                                              \
+  }                                                                                                                 \
+  return e;
+
+template <typename P>
+inline int64_t dare_steps(const P* x, P* o, int64_t e, int64_t hi, __m512i z0, __m512i vthr, __m512 vscale) {
+  PYMERGE_DARE_STEPS(store16(o + e, y))
+}
+
+// bf16 on CPUs with AVX512_BF16: vcvtneps2bf16 rounds to nearest even in one instruction, but flushes subnormal
+// results to zero and keeps NaN payloads; a step with such a lane (fpclass: denormal or NaN) rounds exactly with
+// integer ops instead (store16), so the output bits are those of the other paths.
+__attribute__((target("avx512bf16"))) int64_t dare_steps_bf16_native(const bf16_t* x, bf16_t* o, int64_t e,
+                                                                      int64_t hi, __m512i z0, __m512i vthr,
+                                                                      __m512 vscale) {
+  PYMERGE_DARE_STEPS(
+      if (__builtin_expect(_mm512_fpclass_ps_mask(y, 0xA1) != 0, 0)) store16(o + e, y);  // QNaN | SNaN | denormal
+      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + e), (__m256i)_mm512_cvtneps_pbh(y)))
+}
+#undef PYMERGE_DARE_STEPS
+#endif
+
+template <typename P> constexpr bool kIsBf16 = false;
+template <> constexpr bool kIsBf16<bf16_t> = true;
+
 template <typename P>
 void dare_chunk(const void* args, int64_t lo, int64_t hi) {
   const auto& a = *static_cast<const pymerge::cpu::DareArgs*>(args);
@@ -701,16 +736,15 @@ void dare_chunk(const void* args, int64_t lo, int64_t hi) {
   if (thr < (1u << 24)) {  // else every element is dropped: the scalar loop below
     const uint64_t g = pymerge::kGolden;
     const __m512i lanes = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);  // e + 1 .. e + 8
-    __m512i z0 = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(key + static_cast<uint64_t>(lo) * g)),
-                                  _mm512_mullo_epi64(lanes, _mm512_set1_epi64(static_cast<long long>(g))));
-    const __m512i step8 = _mm512_set1_epi64(static_cast<long long>(8 * g));
-    const __m512i step16 = _mm512_set1_epi64(static_cast<long long>(16 * g));
+    const __m512i z0 = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(key + static_cast<uint64_t>(lo) * g)),
+                                        _mm512_mullo_epi64(lanes, _mm512_set1_epi64(static_cast<long long>(g))));
     const __m512i vthr = _mm512_set1_epi64(static_cast<long long>(static_cast<uint64_t>(thr) << 40));
     const __m512 vscale = _mm512_set1_ps(scale);
-    for (; e + 16 <= hi; e += 16) {
-      const __mmask16 keep = _mm512_kunpackb(dare_keep8(_mm512_add_epi64(z0, step8), vthr), dare_keep8(z0, vthr));
-      store16(o + e, _mm512_maskz_mul_ps(keep, load16(x + e), vscale));
-      z0 = _mm512_add_epi64(z0, step16);
+    if constexpr (kIsBf16<P>) {
+      if (a.native_bf16) e = dare_steps_bf16_native(x, o, e, hi, z0, vthr, vscale);
+      else e = dare_steps(x, o, e, hi, z0, vthr, vscale);
+    } else {
+      e = dare_steps(x, o, e, hi, z0, vthr, vscale);
     }
   }
 #endif
