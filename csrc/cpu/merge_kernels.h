@@ -65,8 +65,9 @@ template <> inline f16_t from_f<f16_t>(float x) {
 // fp16 goes through F16C's vcvtph2ps / vcvtps2ph (exact, round to nearest even: the same bits as the scalar
 // code above, which GCC cannot vectorise well: ~15 integer ops per element). On AVX-512 the element-wise kernels
 // have explicit 16-lane loops for fp16 (Direct); on AVX2 they stage fp16 inputs through small fp32 buffers
-// converted this way (kSub elements at a time, in L1) and run their fp32 loops on them (Staged). bf16 stays inline (a widening load and a shift; rounding back is a few integer ops): AVX512_BF16's
-// vcvtneps2bf16 is not used because it flushes subnormal results to zero, which torch does not.
+// converted this way (kSub elements at a time, in L1) and run their fp32 loops on them (Staged). bf16 stays inline
+// (a widening load and a shift; rounding back is a few integer ops): AVX512_BF16's vcvtneps2bf16 flushes subnormal
+// results to zero, which torch does not, so only DARE uses it, with an exact fallback (dare_steps_bf16_native).
 template <typename P> struct Staged { static constexpr bool value = false; };
 template <typename P> struct Direct { static constexpr bool value = false; };
 #if defined(PYMERGE_AVX512)
@@ -99,7 +100,7 @@ inline void store16(f16_t* p, __m512 x) {
 }
 #endif
 
-// fp32 copies of src[0, len) into dst, and back; only the staged types use these.
+// fp32 copies of src[0, len) into dst, and back; only fp16 (Staged or Direct) uses these.
 inline void load_block(const f16_t* src, int64_t len, float* dst) {
   int64_t e = 0;
 #if defined(PYMERGE_AVX512)
@@ -139,7 +140,7 @@ enum Init { kFromAcc, kZero, kFromBase };
 // directly (o, already offset by b0) and the accumulators are never touched: no second pass over the block.
 template <int G, Init I, bool OUT, typename P>
 inline void ws_group(const P* const* x, const float* w, const P* base, int64_t b0, int64_t len, float* acc, P* o) {
-  if constexpr (Staged<P>::value) {  // fp16 on AVX2 / AVX-512: convert kSub elements at a time, run the fp32 loop
+  if constexpr (Staged<P>::value) {  // fp16 on AVX2: convert kSub elements at a time, run the fp32 loop
     alignas(64) float s[G + 1][kSub];
     for (int64_t s0 = 0; s0 < len; s0 += kSub) {
       const int64_t sl = min64(kSub, len - s0);
@@ -229,7 +230,7 @@ void weighted_sum_chunk(const void* args, int64_t lo, int64_t hi) {
 template <int G, bool FIRST, bool AVG, typename P, typename F>
 inline void fisher_group(const P* const* x, const F* const* f, const float* w, int64_t b0, int64_t len, float* num,
                          float* den, float* wp) {
-  if constexpr (Staged<P>::value || Staged<F>::value) {  // fp16 on AVX2 / AVX-512: fp32 loop on converted copies
+  if constexpr (Staged<P>::value || Staged<F>::value) {  // fp16 on AVX2: the fp32 loop on converted copies
     alignas(64) float sx[Staged<P>::value ? G : 1][kSub], sf[Staged<F>::value ? G : 1][kSub];
     for (int64_t s0 = 0; s0 < len; s0 += kSub) {
       const int64_t sl = min64(kSub, len - s0);
@@ -371,7 +372,7 @@ void fisher_merge_chunk(const void* args, int64_t lo, int64_t hi) {
 template <int G, bool FIRST, typename P, typename F>
 inline void df_group(const P* const* t, const F* const* f, const float* lam, int64_t b0, int64_t len, float* num,
                      float* den, float* plain) {
-  if constexpr (Staged<P>::value || Staged<F>::value) {  // fp16 on AVX2 / AVX-512: fp32 loop on converted copies
+  if constexpr (Staged<P>::value || Staged<F>::value) {  // fp16 on AVX2: the fp32 loop on converted copies
     alignas(64) float st[Staged<P>::value ? G : 1][kSub], sf[Staged<F>::value ? G : 1][kSub];
     for (int64_t s0 = 0; s0 < len; s0 += kSub) {
       const int64_t sl = min64(kSub, len - s0);
