@@ -721,6 +721,42 @@ __attribute__((target("avx512bf16"))) int64_t dare_steps_bf16_native(const bf16_
 #undef PYMERGE_DARE_STEPS
 #endif
 
+#if defined(PYMERGE_AVX2)
+// AVX2 has no 64-bit multiply: z * c (mod 2^64) from three 32 x 32 -> 64-bit products.
+inline __m256i mul64c(__m256i z, __m256i c_lo, __m256i c_hi) {
+  const __m256i lo = _mm256_mul_epu32(z, c_lo);
+  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(z, 32), c_lo), _mm256_mul_epu32(z, c_hi));
+  return _mm256_add_epi64(lo, _mm256_slli_epi64(cross, 32));
+}
+// All-ones 64-bit lanes where r = mix(z) >> 40 >= thr (signed compare: r < 2^24 and thr - 1 >= -1).
+inline __m256i dare_keep4(__m256i z, __m256i thr_m1) {
+  const __m256i c1l = _mm256_set1_epi64x(0x1CE4E5B9ll), c1h = _mm256_set1_epi64x(0xBF58476Dll);
+  const __m256i c2l = _mm256_set1_epi64x(0x133111EBll), c2h = _mm256_set1_epi64x(0x94D049BBll);
+  z = mul64c(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), c1l, c1h);
+  z = mul64c(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), c2l, c2h);
+  return _mm256_cmpgt_epi64(_mm256_srli_epi64(z, 40), thr_m1);
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16_t* p) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+inline __m256 load8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8(bf16_t* p, __m256 x) {  // as from_f<bf16_t>: round to nearest even, NaN -> 0x7fc0
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  const __m256i h = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);  // 8 words in the low half
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline void store8(f16_t* p, __m256 x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
 template <typename P> constexpr bool kIsBf16 = false;
 template <> constexpr bool kIsBf16<bf16_t> = true;
 
@@ -746,6 +782,26 @@ void dare_chunk(const void* args, int64_t lo, int64_t hi) {
       else e = dare_steps(x, o, e, hi, z0, vthr, vscale);
     } else {
       e = dare_steps(x, o, e, hi, z0, vthr, vscale);
+    }
+  }
+#elif defined(PYMERGE_AVX2)
+  {
+    const uint64_t g = pymerge::kGolden;
+    __m256i z0 = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(key + static_cast<uint64_t>(lo) * g)),
+                                  _mm256_set_epi64x(static_cast<long long>(4 * g), static_cast<long long>(3 * g),
+                                                    static_cast<long long>(2 * g), static_cast<long long>(g)));
+    const __m256i step4 = _mm256_set1_epi64x(static_cast<long long>(4 * g));
+    const __m256i step8 = _mm256_set1_epi64x(static_cast<long long>(8 * g));
+    const __m256i thr_m1 = _mm256_set1_epi64x(static_cast<long long>(thr) - 1);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (; e + 8 <= hi; e += 8) {
+      // two 4-lane 64-bit masks -> one 8-lane 32-bit mask in element order: [0 1 4 5 | 2 3 6 7], then 64-bit swap
+      const __m256 m = _mm256_shuffle_ps(_mm256_castsi256_ps(dare_keep4(z0, thr_m1)),
+                                         _mm256_castsi256_ps(dare_keep4(_mm256_add_epi64(z0, step4), thr_m1)),
+                                         _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 keep = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), _MM_SHUFFLE(3, 1, 2, 0)));
+      store8(o + e, _mm256_and_ps(keep, _mm256_mul_ps(load8(x + e), vscale)));
+      z0 = _mm256_add_epi64(z0, step8);
     }
   }
 #endif
