@@ -155,12 +155,43 @@ def configs(method, base, fts, dtype):
         mk = {"merge_method": "dare_linear", "base_model": str(base),
               "models": [{"model": m, "parameters": {"weight": 0.4, "density": 1.0}} for m in models],
               "parameters": {"normalize": False}}
+    elif method in MERGEKIT_AS_IS:
+        # mergekit's own YAML, given to both tools unchanged (pymerge accepts it as it is)
+        mk = MERGEKIT_AS_IS[method](str(base), models)
+        pm = json.loads(json.dumps(mk))
+        if method == "ties_odd_density":
+            pm["parameters"]["trim_count"] = "floor"  # mergekit keeps int(d n); pymerge's default is ceil
     else:
         raise ValueError(method)
     name = str(dtype).replace("torch.", "")
     pm["dtype"] = name
     mk["dtype"] = name
     return pm, mk
+
+
+# Methods compared with one mergekit config given to both tools (mergekit's YAML accepted as it is).
+MERGEKIT_AS_IS = {
+    "slerp": lambda base, m: {
+        "merge_method": "slerp", "base_model": m[0], "models": [{"model": m[0]}, {"model": m[1]}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+    "model_stock": lambda base, m: {
+        "merge_method": "model_stock", "base_model": base, "models": [{"model": x} for x in m]},
+    "breadcrumbs": lambda base, m: {
+        "merge_method": "breadcrumbs", "base_model": base,
+        "models": [{"model": x, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}} for x in m]},
+    "breadcrumbs_ties": lambda base, m: {
+        "merge_method": "breadcrumbs_ties", "base_model": base,
+        "models": [{"model": x, "parameters": {"weight": 1.0, "density": 0.7, "gamma": 0.05}} for x in m]},
+    "ties_odd_density": lambda base, m: {
+        "merge_method": "ties", "base_model": base,
+        "models": [{"model": x, "parameters": {"weight": w, "density": 0.3}} for x, w in zip(m, (1.0, 0.5, 0.7))],
+        "parameters": {"normalize": True}},
+    "passthrough_stack": lambda base, m: {
+        "merge_method": "passthrough", "slices": [
+            {"sources": [{"model": m[0], "layer_range": [0, 2]}]},
+            {"sources": [{"model": m[1], "layer_range": [1, 2]}]}]},
+}
 
 
 def run_tool(tool, cfg, out: Path, mergekit_exe):
@@ -256,7 +287,7 @@ def main(argv=None):
     WORK.mkdir(parents=True, exist_ok=True)
     print(f"mergekit {MERGEKIT_VERSION} ({exe}); machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
           flush=True)
-    equality(exe, ["linear", "task_arithmetic", "ties", "dare_linear_d1"])
+    equality(exe, ["linear", "task_arithmetic", "ties", "dare_linear_d1", *MERGEKIT_AS_IS])
     if not args.skip_large:
         speed(exe, int(args.params), args.methods, args.rounds)
     return 0

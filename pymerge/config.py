@@ -322,9 +322,6 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
                 entries = rest
     if len(entries) > 15:
         raise ConfigError(f"{src}: at most 15 models can be merged at once, got {len(entries)}")
-    if method.needs_base and base is None:
-        raise ConfigError(f"{src}: merge_method {method.name!r} works on task vectors and needs `base_model` "
-                          "(the pretrained model the others were fine-tuned from)")
 
     by_name = {p.name: p for p in method.params}
     global_values: Dict[str, Any] = {}
@@ -411,6 +408,11 @@ def load_config(config: Union[str, os.PathLike, Mapping, MergeConfig], *, base_d
                       tokenizer_source=tokenizer_source,
                       slices=list(raw["slices"]) if raw.get("slices") is not None else None)
     method.validate(cfg.global_values(), [cfg.model_values(i) for i in range(len(models))])
+    why = method.base_needed(cfg.global_values())
+    if why is not None and base is None:
+        raise ConfigError(f"{src}: merge_method {method.name!r} needs `base_model` (the pretrained model the others "
+                          f"were fine-tuned from): it {why}")
+    method.needs_base = why is not None  # this merge's need (the engine reads it), not the method's in general
     return cfg
 
 

@@ -56,30 +56,18 @@ def _save(fig, path: PathLike, overwrite: bool) -> Path:
 
 # ------------------------------------------------------------------------------------------ trajectory
 def read_trials(log: PathLike) -> Tuple[Optional[dict], List[dict]]:
-    """(header or None, trial records sorted by trial number) of a trial log. A last line without its newline
-    (a run killed mid-write) is ignored; any other bad line is an error naming the file and line."""
-    path = Path(log)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such trial log")
-    header, trials = None, {}
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for lineno, raw in enumerate(lines[:-1], start=1):  # text after the final newline is an unfinished write
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise PlotError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-        if isinstance(rec, dict) and "header" in rec:
-            header = rec["header"]
-            continue
-        missing = [k for k in ("trial", "lambdas", "objective") if not isinstance(rec, dict) or k not in rec]
-        if missing:
-            raise PlotError(f"{path}:{lineno}: a trial record needs {missing}")
-        trials[int(rec["trial"])] = rec
+    """(header or None, trial records sorted by trial number) of a trial log, read by pymerge.search.log (the
+    one reader of the format): a last line without its newline (a run killed mid-write) is ignored; any other
+    bad line is an error naming the file and line. A plot needs only trial, lambdas and objective."""
+    from pymerge.search.log import TrialLogError, trials_in_order
+
+    try:
+        header, trials = trials_in_order(log, required=("trial", "lambdas", "objective"))
+    except TrialLogError as exc:
+        raise PlotError(str(exc)) from exc
     if not trials:
-        raise PlotError(f"{path}: no finished trials to plot")
-    return header, [trials[k] for k in sorted(trials)]
+        raise PlotError(f"{log}: no finished trials to plot")
+    return header, trials
 
 
 def trajectory_series(trials: Sequence[dict]) -> Dict[str, list]:

@@ -1,5 +1,7 @@
 """Tiny float32 models and synthetic tasks for the search tests: a pretrained model and fine-tunes that are
 perturbed copies (each with its own head size for BERT)."""
+import os
+
 import torch
 import transformers
 
@@ -66,3 +68,11 @@ def t5_zoo(m=2):
     tasks = [Task(f"s2s{i}", choice_examples(6, 2, seed=i, per_example=False), kind="multiple_choice",
                   choices=[[5, 6, 1], [7, 1]], batch_size=4) for i in range(m)]
     return base, fts, tasks
+
+
+def worker_probe():
+    """Runs in a search worker (pymerge.search.workers): its process, its objective and its thread count.
+    Here, not in a test module, so that a worker process can import it by name."""
+    from pymerge.search import workers
+
+    return os.getpid(), id(workers._WORKER), workers._WORKER.memory_needed, torch.get_num_threads()

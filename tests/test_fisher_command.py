@@ -1,38 +1,12 @@
 """Fisher file round trip and the `pymerge fisher` subcommand on a tiny saved BERT with its own tokenizer."""
-import json
-
 import pytest
 import torch
 import transformers
 
 import fisher_models as fm
 import pymerge.fisher as pf
+from command_fixtures import ROWS, model_dir, python_batches, write_rows  # noqa: F401 (model_dir: a fixture)
 from pymerge.fisher import command
-
-WORDS = [f"w{i}" for i in range(fm.VOCAB - 5)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-bert")
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tokenizer = transformers.BertTokenizer(vocab_file=str(vocab))
-    model = fm.bert(num_labels=2, dtype=torch.float32)
-    model.config.label2id, model.config.id2label = {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}
-    model.save_pretrained(path)  # safetensors
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _data(tmp_path, rows, name="data.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-ROWS = [{"text": "w1 w2 w3", "label": "pos"}, {"text": "w4 w5", "label": "neg"},
-        {"text": "w7 w8 w9 w10 w11", "label": 1}]
 
 
 def test_save_load_round_trip(tmp_path):
@@ -49,19 +23,14 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_cli_matches_python_and_refuses_to_clobber(model_dir, tmp_path):
-    data, out = _data(tmp_path, ROWS), tmp_path / "fisher.safetensors"
+    data, out = write_rows(tmp_path, ROWS), tmp_path / "fisher.safetensors"
     argv = [str(model_dir), "--data", str(data), "-o", str(out), "--mode", "empirical", "--batch-size", "2"]
     assert command.main(argv) == 0
     got = pf.load(out)
     assert got.metadata["mode"] == "empirical" and got.metadata["num_examples"] == "3"
     # The same numbers from Python on the same tokenised batches.
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    batches = []
-    for rows in (ROWS[:2], ROWS[2:]):
-        enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
-        batches.append(dict(enc, labels=torch.tensor([1 if r["label"] in ("pos", 1) else 0 for r in rows])))
-    ref = pf.estimate(model, batches, mode="empirical")
+    ref = pf.estimate(model, python_batches(model_dir), mode="empirical")
     for k in ref.keys():
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-9)
     assert got.metadata["structure"] == pf.structure_fingerprint(model)
@@ -72,10 +41,10 @@ def test_cli_matches_python_and_refuses_to_clobber(model_dir, tmp_path):
 
 def test_cli_bad_inputs(model_dir, tmp_path):
     out = tmp_path / "f.safetensors"
-    no_labels = _data(tmp_path, [{"text": "w1 w2"}])
+    no_labels = write_rows(tmp_path, [{"text": "w1 w2"}])
     with pytest.raises(ValueError, match="label column 'label'"):
         command.main([str(model_dir), "--data", str(no_labels), "-o", str(out), "--mode", "empirical"])
-    empty = _data(tmp_path, [], name="empty.jsonl")
+    empty = write_rows(tmp_path, [], name="empty.jsonl")
     with pytest.raises(ValueError, match="no examples"):
         command.main([str(model_dir), "--data", str(empty), "-o", str(out)])
     pickled = tmp_path / "pickled"
@@ -95,16 +64,32 @@ def test_weights_fingerprint_of_a_tensor_over_2_pow_24_elements():
 @pytest.mark.parametrize("mask_mode", ["exact", "empirical"])
 def test_cli_mask_fisher_modes_match_python(model_dir, tmp_path, mask_mode):
     pytest.importorskip("pymerge.fisher.masks")
-    data, out = _data(tmp_path, ROWS), tmp_path / "masks.safetensors"
+    data, out = write_rows(tmp_path, ROWS), tmp_path / "masks.safetensors"
     argv = [str(model_dir), "--data", str(data), "-o", str(out), "--mode", "masks", "--mask-mode", mask_mode,
             "--batch-size", "3"]
     assert command.main(argv) == 0
     got = pf.load(out)
     assert got.metadata["mode"] == "masks" and got.metadata["mask_mode"] == mask_mode
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    enc = tok([r["text"] for r in ROWS], padding=True, return_tensors="pt")
-    batch = dict(enc, labels=torch.tensor([1 if r["label"] in ("pos", 1) else 0 for r in ROWS]))
-    ref = pf.estimate(model, [batch], mode="masks", mask_mode=mask_mode)
+    ref = pf.estimate(model, python_batches(model_dir, [ROWS]), mode="masks", mask_mode=mask_mode)
     for k in ref.keys():
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("fisher_args,stats_args", [(["--mode", "sampled", "--num-samples", "2", "--seed", "3"],
+                                                      ["--kind", "fisher", "--mode", "sampled", "--num-samples", "2",
+                                                       "--seed", "3"]),
+                                                     (["--mode", "masks", "--mask-mode", "exact"],
+                                                      ["--kind", "masks", "--mode", "exact"])])
+def test_fisher_command_is_the_diagonal_case_of_stats(model_dir, tmp_path, fisher_args, stats_args):
+    """`pymerge fisher` runs `pymerge stats`' code: the same file (tensors and metadata) for the same options."""
+    from pymerge.commands import stats
+
+    data = write_rows(tmp_path, ROWS)
+    common = [str(model_dir), "--data", str(data), "--batch-size", "2"]
+    assert command.main(common + ["-o", str(tmp_path / "f.safetensors")] + fisher_args) == 0
+    assert stats.main(common + ["-o", str(tmp_path / "s.safetensors")] + stats_args) == 0
+    f, s = pf.load(tmp_path / "f.safetensors"), pf.load(tmp_path / "s.safetensors")
+    assert f.metadata == s.metadata and set(f.keys()) == set(s.keys())
+    for k in f.keys():
+        assert torch.equal(f[k], s[k]), k

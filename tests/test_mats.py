@@ -97,3 +97,28 @@ def test_mats_rejects_bad_statistics_and_missing_files():
                            "models": [{"model": m} for m in MODELS]})
     with pytest.raises(ValueError, match="holds 'gram' statistics, this merge needs 'kfac'"):
         mats(params={"objective": "kfac"})
+
+
+@pytest.mark.parametrize("objective", ["regmean", "kfac", "fisher", "average"])
+def test_base_model_only_where_the_initialisation_needs_it(objective):
+    """init average / model need no base_model (and equal the merge with one); task arithmetic and pretrained
+    refuse to start without it, naming the parameter."""
+    stats = {"regmean": GRAMS, "kfac": [layer_stats(i, "kfac") for i in range(M)], "fisher": fishers(),
+             "average": GRAMS}[objective]
+    given = {k: torch.full(s, 0.5) for k, s in SHAPES.items()}
+    for init, extra in (("average", {}), ("model", {"init_model": given})):
+        params = {"objective": objective, "init": init, "iterations": 5, **extra}
+        without = merge_state_dicts(cfg(stats, method="mats", params=params, base=False))
+        assert not without.plan.config.method.needs_base  # the engine reads no base tensor
+        with_base = merge_state_dicts(cfg(stats, method="mats", params=params, base=True)).state_dict
+        assert set(without.state_dict) == set(with_base) == set(SHAPES)
+        for name in SHAPES:
+            assert torch.equal(without.state_dict[name], with_base[name]), (init, name)
+    for init in ("task_arithmetic", "pretrained"):
+        with pytest.raises(ConfigError, match=rf"merge_method 'mats' needs `base_model` .*: it starts from the "
+                                              rf"pretrained model with init: {init} \(init: average or init: model"):
+            merge_state_dicts(cfg(stats, method="mats", params={"objective": objective, "init": init}))
+    zero = {"objective": objective, "init": "average", "iterations": 0}
+    out = merge_state_dicts(cfg(stats, method="mats", params=zero)).state_dict
+    for name in SHAPES:  # zero steps from the average: the average, with no base anywhere
+        torch.testing.assert_close(out[name], sum(st[name] for st in MODELS) / M)

@@ -1,4 +1,5 @@
-"""RegMean and MaTS on tiny Hugging Face models: BERT (nn.Linear) and GPT-2 (Conv1D, weights stored [in, out]),
+"""RegMean and MaTS on tiny Hugging Face models: BERT (nn.Linear), GPT-2 (Conv1D, weights stored [in, out]) and T5
+(encoder-decoder, tied lm_head; statistics from pymerge.stats on multiple choice),
 statistics files on disk in the SEAMS.md format, merged from YAML through the CLI, reloaded with from_pretrained,
 and equal to float64 references computed here from the checkpoints and the statistics files."""
 import json
@@ -189,3 +190,101 @@ def test_statistics_from_pymerge_stats_drive_regmean_and_mats(tmp_path):
         assert merged_layers and merged_layers <= set(ref)
         for name in merged_layers:
             torch.testing.assert_close(res.state_dict[name].double(), ref[name], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- T5 (encoder-decoder, no biases, tied lm_head)
+def _t5_batches(seed, n=8, choices=3):
+    """Multiple choice for T5 (pymerge.stats' seq2seq format): questions of 6-9 tokens, answers of 2-4 tokens."""
+    import fisher_models as fm
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(6, 10, (n,), generator=g)
+    ids = torch.randint(1, fm.VOCAB, (n, 10), generator=g)
+    am = (torch.arange(10)[None] < lengths[:, None]).long()
+    ans_len = torch.randint(2, 5, (n, choices), generator=g)
+    answers = torch.randint(1, fm.VOCAB, (n, choices, 4), generator=g)
+    answers = answers.masked_fill(torch.arange(4)[None, None] >= ans_len[..., None], -100)
+    labels = torch.randint(0, choices, (n,), generator=g)
+    return [dict(input_ids=ids[i:i + 4].masked_fill(am[i:i + 4] == 0, fm.PAD), attention_mask=am[i:i + 4],
+                 choice_ids=answers[i:i + 4], labels=labels[i:i + 4]) for i in (0, 4)]
+
+
+@pytest.fixture(scope="module")
+def t5_zoo(tmp_path_factory):
+    """A tiny random T5 base, two perturbed fine-tunes on disk, and their gram / kfac files from pymerge stats."""
+    import fisher_models as fm
+    import pymerge.stats as ps
+
+    root = tmp_path_factory.mktemp("t5_zoo")
+    base = fm.t5(dtype=torch.float32)
+    base.save_pretrained(root / "base")
+    z = {"base": root / "base"}
+    for i in range(2):
+        m = fm.t5(dtype=torch.float32)
+        em._perturb(m, seed=60 + i, scale=0.05)
+        m.save_pretrained(root / f"t5{i}")
+        z[f"t5{i}"] = root / f"t5{i}"
+        for kind in ("gram", "kfac"):
+            z[f"t5{i}_{kind}"] = ps.save(root / f"t5{i}.{kind}.safetensors",
+                                         ps.collect(m, _t5_batches(seed=i), kind=kind))
+    return z
+
+
+T5_MERGES = {
+    "regmean": {"merge_method": "regmean", "parameters": {"alpha": 0.9}},
+    "mats_regmean": {"merge_method": "mats", "parameters": {"objective": "regmean", "alpha": 0.9, "init": "average",
+                                                            "iterations": 300, "tolerance": 1e-9,
+                                                            "solve_dtype": "float64"}},
+    "mats_kfac": {"merge_method": "mats", "parameters": {"objective": "kfac", "iterations": 10}},
+}
+
+
+@pytest.mark.parametrize("merge", T5_MERGES)
+def test_t5_merges_written_reload_equal_to_the_in_memory_merge(t5_zoo, tmp_path, merge):
+    """RegMean and MaTS (regmean and K-FAC objectives) of tiny T5s: every linear layer but the tied lm_head merged
+    as a layer, the merge written to disk reloads with from_pretrained equal to the in-memory merge (tensors and
+    logits), and the RegMean objective reaches the float64 closed form."""
+    from transformers import T5ForConditionalGeneration
+
+    from pymerge.engine import merge as merge_to_disk
+
+    kind = "kfac" if merge == "mats_kfac" else "gram"
+    cfg = dict(T5_MERGES[merge], models=[{"model": str(t5_zoo[f"t5{i}"]),
+                                          "parameters": {"stats": str(t5_zoo[f"t5{i}_{kind}"])}} for i in range(2)])
+    if merge == "mats_kfac":  # init task_arithmetic: the pretrained model
+        cfg["base_model"] = str(t5_zoo["base"])
+    res = merge_state_dicts(cfg)
+    merged = res.state_dict
+    linear = {n for n, m in T5ForConditionalGeneration.from_pretrained(t5_zoo["t50"]).named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    assert set(res.plan.layers) == linear - {"lm_head"} and res.plan.unused_layers == ["lm_head"]
+    states = [em.load_dir(t5_zoo[f"t5{i}"]) for i in range(2)]
+    if merge != "mats_kfac":
+        ref = regmean_reference(states, [t5_zoo[f"t5{i}_gram"] for i in range(2)], 0.9)
+        assert set(ref) == {m + ".weight" for m in res.plan.layers}
+        for name, t in ref.items():
+            torch.testing.assert_close(merged[name].double(), t, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    else:  # CG moved every layer away from its task-arithmetic start
+        base = em.load_dir(t5_zoo["base"])
+        for m in res.plan.layers:
+            w = m + ".weight"
+            ta = base[w] + 0.3 * sum(s[w] - base[w] for s in states)
+            assert not torch.allclose(merged[w], ta), w
+    out = tmp_path / "out"
+    merge_to_disk(cfg, out, progress=False)
+    reloaded = T5ForConditionalGeneration.from_pretrained(out).eval()
+    sd = reloaded.state_dict()
+    assert set(merged) <= set(sd)
+    for name, t in merged.items():
+        assert torch.equal(sd[name], t), name
+    assert torch.equal(sd["lm_head.weight"], merged["shared.weight"])  # tied again on reload
+    in_memory = T5ForConditionalGeneration(reloaded.config).eval()
+    missing, unexpected = in_memory.load_state_dict(merged, strict=False)
+    assert not unexpected and set(missing) <= {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                                               "lm_head.weight"}  # tied to shared.weight
+    batch = _t5_batches(seed=5)[0]
+    dec = torch.tensor([[0, 3, 4, 5]] * 4)
+    with torch.no_grad():
+        a = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec)
+        b = in_memory(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec)
+    assert torch.equal(a.logits, b.logits)

@@ -110,6 +110,27 @@ def test_bad_logs_get_errors_naming_the_file_and_line(tmp_path):
         read_trials(tmp_path / "missing.jsonl")
 
 
+def test_the_plots_read_the_log_through_the_search_reader(tmp_path):
+    """One reader of the trial log: a damaged log gets the search's own message from the plots, and a log the
+    search writes (records out of order, a cut last line) reads the same both ways."""
+    from pymerge.plots import PlotError, read_trials
+    from pymerge.search import log as trial_log
+
+    records = _write_log(tmp_path / "log.jsonl")
+    header, trials, _ = trial_log.read(tmp_path / "log.jsonl")
+    assert read_trials(tmp_path / "log.jsonl") == (header, [trials[k] for k in sorted(trials)])
+    assert [trials[k] for k in sorted(trials)] == records
+    bad = tmp_path / "bad.jsonl"
+    for text in ('{"header": {}}\n{"trial": 0, "lambdas": [0.1], "objective": 0.5}\nnot json\n',
+                 '{"trial": "x", "lambdas": [0.1], "objective": 0.5}\n', '\xff\n'):
+        bad.write_bytes(text.encode("latin-1"))
+        with pytest.raises(trial_log.TrialLogError) as search_error:
+            trial_log.read(bad, required=("trial", "lambdas", "objective"))
+        with pytest.raises(PlotError) as plot_error:
+            read_trials(bad)
+        assert str(plot_error.value) == str(search_error.value) and str(bad) in str(plot_error.value)
+
+
 def _grid(n=4):
     axis = [k / (n - 1) for k in range(n)]
     rng = random.Random(1)

@@ -29,8 +29,9 @@ FAST = dict(n_init=2, n_iter=2, fisher_examples=3, progress=False)
 
 
 def _same_trials(a, b):
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in a]
-    return strip == [{k: v for k, v in r.items() if k != "seconds"} for r in b]
+    """Equal but for the times (phase seconds and the search's elapsed seconds)."""
+    strip = [{k: v for k, v in r.items() if k not in ("seconds", "elapsed")} for r in a]
+    return strip == [{k: v for k, v in r.items() if k not in ("seconds", "elapsed")} for r in b]
 
 
 @pytest.mark.parametrize("zoo", [bert_zoo, gpt2_zoo, t5_zoo])
@@ -316,3 +317,219 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"header": {}}\nnot json\n{"trial": 1}\n')
     with pytest.raises(TrialLogError, match="log.jsonl:2: not valid JSON"):
         pymerge.dfmerge(base, fts, tasks, log=tmp_path / "log.jsonl", resume=True, **FAST)
+
+
+class _FakeClock:
+    """Seconds that pass only when a fake evaluation says so (no timing in the test)."""
+
+    def __init__(self, t0):
+        self.t = t0
+
+    def __call__(self):
+        return self.t
+
+
+def _timed_evaluate(clock, fail_at=None):
+    """A smooth objective whose evaluation takes 1 to 2 fake seconds depending on the point (multiples of 0.25,
+    so every sum of them is exact), and that can crash at its fail_at-th call."""
+    calls = []
+
+    def evaluate(lam):
+        calls.append(list(lam))
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt("killed")
+        clock.t += 1.0 + 0.25 * int(lam[0] * 4)
+        value = -((lam[0] - 0.3) ** 2 + (lam[1] - 0.6) ** 2)
+        return {"a": value}, value, {"fisher": 0.5, "combine": 0.0, "evaluate": 0.5}
+
+    return evaluate, calls
+
+
+BUDGETED = dict(optimizer="gp-ucb", n_init=3, n_iter=30, seed=2, time_budget=7.0, progress=False,
+                options={"candidates": 64, "restarts": 1})
+
+
+def test_time_budget_counts_the_time_logged_before_a_resume(tmp_path):
+    """The budget is the search's own time summed over its runs: a run crashed at a random evaluation and
+    resumed (with a clock that starts anywhere) stops at the trial where the uninterrupted run stopped, with the
+    same elapsed times; it does not start a fresh budget."""
+    clock = _FakeClock(100.0)
+    evaluate, _ = _timed_evaluate(clock)
+    full = loop.run_search(evaluate, 2, log_path=tmp_path / "full.jsonl", clock=clock, **BUDGETED)
+    assert 4 <= len(full) < 33  # the budget stopped it, not n_iter
+    assert full[-1]["elapsed"] >= 7.0 > full[-2]["elapsed"]
+    assert full[0]["elapsed"] == 1.0 + 0.25 * int(full[0]["lambdas"][0] * 4)
+    for crash_at in sorted({random.Random(9).randrange(2, len(full)), len(full) - 1}):
+        log = tmp_path / f"crash{crash_at}.jsonl"
+        clock = _FakeClock(5000.0)
+        evaluate, _ = _timed_evaluate(clock, fail_at=crash_at)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_search(evaluate, 2, log_path=log, clock=clock, **BUDGETED)
+        clock = _FakeClock(-7.25)
+        evaluate, calls = _timed_evaluate(clock)
+        resumed = loop.run_search(evaluate, 2, log_path=log, resume=True, clock=clock, **BUDGETED)
+        assert resumed == full, crash_at  # λ, metrics, objective, phase, seconds and elapsed
+        assert calls == [r["lambdas"] for r in full[crash_at - 1:]]  # only the unfinished ones
+    # a resume with a larger budget goes on from where the budget stopped it
+    clock = _FakeClock(0.0)
+    evaluate, calls = _timed_evaluate(clock)
+    longer = loop.run_search(evaluate, 2, log_path=tmp_path / "full.jsonl", resume=True, clock=clock,
+                             **dict(BUDGETED, time_budget=10.0))
+    assert longer[:len(full)] == full and len(longer) > len(full) and len(calls) == len(longer) - len(full)
+    assert longer[-1]["elapsed"] >= 10.0 > longer[-2]["elapsed"]
+
+
+def test_time_budget_of_a_log_without_elapsed_counts_its_phase_seconds(tmp_path):
+    """A log written before "elapsed" existed: the time already spent is the sum of its phase seconds (1 s per
+    trial here), so with a 4 s budget the resumed search ends after the fourth trial."""
+    clock = _FakeClock(0.0)
+    evaluate, _ = _timed_evaluate(clock, fail_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_search(evaluate, 2, log_path=tmp_path / "old.jsonl", clock=clock, **BUDGETED)
+    lines = (tmp_path / "old.jsonl").read_text().splitlines()
+    old = [json.loads(line) for line in lines]
+    for rec in old[1:]:
+        del rec["elapsed"]
+    (tmp_path / "old.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    clock = _FakeClock(0.0)
+    evaluate, calls = _timed_evaluate(clock)
+    resumed = loop.run_search(evaluate, 2, log_path=tmp_path / "old.jsonl", resume=True, clock=clock,
+                              **dict(BUDGETED, time_budget=4.0))
+    assert len(resumed) == 4 and len(calls) == 2
+
+
+class _ReversedPool:
+    """An executor whose futures finish in the reverse order of their submission: once no point has come for
+    a moment, the pending ones are resolved last-submitted first, each only after the loop has taken the
+    result of the one before (so the loop sees them finish one by one)."""
+
+    def __init__(self):
+        import threading
+
+        self.pending, self.lock = [], threading.Lock()
+        self.wake = threading.Event()
+        self.closed = False
+        self.thread = threading.Thread(target=self._resolve, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn, *args):
+        import threading
+        from concurrent.futures import Future
+
+        class Observed(Future):
+            def result(self, timeout=None):
+                try:
+                    return super().result(timeout)
+                finally:
+                    self.taken.set()
+
+        fut = Observed()
+        fut.taken = threading.Event()
+        with self.lock:
+            self.pending.append((fut, fn, args))
+        self.wake.set()
+        return fut
+
+    def _resolve(self):
+        import time
+
+        while not self.closed:
+            if not self.wake.wait(0.05):
+                continue
+            self.wake.clear()
+            time.sleep(0.02)  # more of the batch may come
+            if self.wake.is_set():
+                continue
+            with self.lock:
+                batch, self.pending = self.pending, []
+            for fut, fn, args in reversed(batch):
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:  # a crash in a worker reaches the loop through its future
+                    fut.set_exception(exc)
+                fut.taken.wait(10)
+
+
+def test_a_batch_is_told_in_asked_order_whichever_worker_finishes_first(tmp_path):
+    """The trajectory of workers=3 does not depend on the order the workers finish in: evaluated in a pool that
+    finishes each batch backwards, it equals the one evaluated in order; the log shows the finishing order."""
+    from concurrent.futures import Future
+
+    class Inline:
+        def submit(self, fn, *args):
+            fut = Future()
+            fut.set_result(fn(*args))
+            return fut
+
+    def evaluate(lam):
+        value = -((lam[0] - 0.3) ** 2 + (lam[1] - 0.6) ** 2)
+        return {"a": value}, value, {"fisher": 0.0, "combine": 0.0, "evaluate": 0.0}
+
+    settings = dict(optimizer="gp-ei", n_init=3, n_iter=5, seed=1, workers=3, progress=False,
+                    options={"candidates": 64, "restarts": 1})
+    ordered = loop.run_search(evaluate, 2, pool=Inline(), **settings)
+    pool = _ReversedPool()
+    try:
+        backwards = loop.run_search(evaluate, 2, pool=pool, log_path=tmp_path / "log.jsonl", **settings)
+    finally:
+        pool.closed = True
+    assert _same_trials(backwards, ordered) and len(ordered) == 8
+    logged = [json.loads(line)["trial"] for line in (tmp_path / "log.jsonl").read_text().splitlines()[1:]]
+    assert logged == [2, 1, 0, 5, 4, 3, 7, 6]
+
+
+def test_backend_ray_without_ray_installed_is_a_clear_error(monkeypatch):
+    import sys
+
+    from pymerge.search.workers import MissingExtraError
+
+    base, fts, tasks = bert_zoo()
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(MissingExtraError, match=r"backend ray needs `pip install pymerge\[ray\]`"):
+        pymerge.dfmerge(base, fts, tasks, workers=2, backend="ray", **FAST)
+    with pytest.raises(ValueError, match="backend: expected one of local, ray, got 'dask'"):
+        pymerge.dfmerge(base, fts, tasks, backend="dask", **FAST)
+    with pytest.raises(ValueError, match="ray_options: expected a mapping"):
+        pymerge.dfmerge(base, fts, tasks, backend="ray", ray_options=4, **FAST)
+
+
+def test_a_crash_in_the_middle_of_a_batch_resumes_only_the_unfinished_points(tmp_path):
+    """workers=3, the batch finishing backwards: a crash after some of a batch finished (logged out of trial
+    order) resumes with only the missing points of that batch evaluated, and the uninterrupted trajectory."""
+    from concurrent.futures import Future
+
+    class Inline:
+        def submit(self, fn, *args):
+            fut = Future()
+            fut.set_result(fn(*args))
+            return fut
+
+    def evaluator(fail_at=None):
+        calls = []
+
+        def evaluate(lam):
+            calls.append(list(lam))
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt("killed")
+            value = -((lam[0] - 0.3) ** 2 + (lam[1] - 0.6) ** 2)
+            return {"a": value}, value, {"fisher": 0.0, "combine": 0.0, "evaluate": 0.0}
+
+        return evaluate, calls
+
+    settings = dict(optimizer="gp-ucb", n_init=3, n_iter=5, seed=2, workers=3, progress=False,
+                    options={"candidates": 64, "restarts": 1})
+    evaluate, _ = evaluator()
+    full = loop.run_search(evaluate, 2, pool=Inline(), **settings)
+    evaluate, _ = evaluator(fail_at=5)  # batch 2 (trials 3, 4, 5) runs backwards: 5 finishes, 4 crashes
+    pool = _ReversedPool()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_search(evaluate, 2, pool=pool, log_path=tmp_path / "log.jsonl", **settings)
+    finally:
+        pool.closed = True
+    logged = [json.loads(line)["trial"] for line in (tmp_path / "log.jsonl").read_text().splitlines()[1:]]
+    assert logged == [2, 1, 0, 5]
+    evaluate, calls = evaluator()
+    resumed = loop.run_search(evaluate, 2, pool=Inline(), log_path=tmp_path / "log.jsonl", resume=True, **settings)
+    assert _same_trials(resumed, full)
+    assert calls == [full[3]["lambdas"], full[4]["lambdas"]] + [r["lambdas"] for r in full[6:]]

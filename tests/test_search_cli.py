@@ -81,3 +81,14 @@ def test_search_command_config_errors_are_one_line(zoo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown key 'n_iters' (did you mean 'n_iter'?)" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_search_command_backend_ray_without_ray_is_a_one_line_error(zoo, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    cfg = _config(tmp_path, zoo, extra=", workers: 2")
+    assert cli.main(["search", str(cfg), "-o", str(tmp_path / "o"), "--backend", "ray"]) == 1
+    err = capsys.readouterr().err
+    assert "backend ray needs `pip install pymerge[ray]`" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.trials.jsonl").exists()

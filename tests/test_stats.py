@@ -1,5 +1,6 @@
-"""pymerge.stats: Gram and K-FAC statistics against slow references written plainly here (one unpadded example,
-one outcome and one token row at a time), the one file format with its metadata, older Fisher files, bad input."""
+"""pymerge.stats: Gram and K-FAC statistics against slow references written plainly here (one unpadded example
+and one outcome at a time; classification, causal-LM tokens, multiple choice for causal LMs and T5), the one file
+format with its metadata, older Fisher files, bad input."""
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -24,10 +25,18 @@ def _is_linear(module):
 
 
 # ---------------------------------------------------------------- slow references
-def slow_layer_statistics(model, examples, outcomes_of):
+def plain_log_probs(model, ids):
+    """log p [F, C] of one unpadded example input_ids [1, L]: a classifier's classes (F = 1) or a causal LM's
+    next tokens (F = L - 1, position t predicts token t + 1)."""
+    lp = model(input_ids=ids).logits.log_softmax(-1)
+    return lp[0, :-1] if lp.dim() == 3 else lp
+
+
+def slow_layer_statistics(model, examples, outcomes_of, forward=plain_log_probs):
     """Per linear layer: A = (1/N) Σ_rows z' z'ᵀ (z' = [z, 1] with a bias) and G = (1/N) Σ_rows Σ_(w, y) w g gᵀ,
-    g = ∂ score_y / ∂(layer output row), N = the token rows; one unpadded example, one outcome and one row at a
-    time. examples: list of input_ids [1, L]; outcomes_of(log_probs) -> [(w, y)] (score = Σ_f log p_f(y_f))."""
+    g = ∂ score_y / ∂(layer output row), N = the token rows of every call of the layer; one unpadded example
+    and one outcome at a time (no padding, no masks, no batching to get wrong). forward(model, example) -> log p [F, C] of one example (default: input_ids
+    [1, L] of a classifier or causal LM); outcomes_of(probs) -> [(w, y)] (score = Σ_f log p_f(y_f))."""
     layers = {n: m for n, m in model.named_modules() if _is_linear(m)}
     seen = {}
     handles = [m.register_forward_hook(lambda mod, a, out, n=n: seen.setdefault(n, []).append((a[0], out)))
@@ -38,24 +47,22 @@ def slow_layer_statistics(model, examples, outcomes_of):
     try:
         for ids in examples:
             seen.clear()
-            lp = model(input_ids=ids).logits.log_softmax(-1)
-            if lp.dim() == 3:  # causal LM: position t predicts token t + 1
-                lp = lp[0, :-1]
+            lp = forward(model, ids)
             calls = [(n, z, out) for n, cs in seen.items() for z, out in cs]
             for n, z, _ in calls:
-                for row in z.reshape(-1, z.shape[-1]).double():
-                    if layers[n].bias is not None:
-                        row = torch.cat([row, row.new_ones(1)])
-                    A[n] = A[n] + torch.outer(row, row)
-                    rows[n] += 1
+                z = z.reshape(-1, z.shape[-1]).double()
+                if layers[n].bias is not None:
+                    z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+                A[n] = A[n] + z.T @ z  # Σ_rows z' z'ᵀ
+                rows[n] += z.shape[0]
             for w, y in outcomes_of(lp.detach().exp()):
                 score = sum(lp[f, int(y[f])] for f in range(lp.shape[0]))
                 grads = torch.autograd.grad(score, [out for _, _, out in calls], retain_graph=True, allow_unused=True)
                 for (n, _, out), g in zip(calls, grads):
                     if g is None:
                         continue
-                    for row in g.reshape(-1, g.shape[-1]).double():
-                        G[n] = G[n] + w * torch.outer(row, row)
+                    g = g.reshape(-1, g.shape[-1]).double()
+                    G[n] = G[n] + w * (g.T @ g)  # Σ_rows g gᵀ
     finally:
         for h in handles:
             h.remove()
@@ -140,6 +147,132 @@ def test_kfac_default_mode_is_empirical_and_causal_lm_tokens():
     for n in ref_a:
         _close(got[n + ".kfac_in"], ref_a[n], n)
         _close(got[n + ".kfac_out"], ref_g[n], n)
+
+
+# ---------------------------------------------------------------- multiple choice: causal LM and T5 (seq2seq)
+# Each example: (context / question token ids, answers as token ids, label); answers of several lengths.
+MC_EXAMPLES = [([11, 12, 13], [[21, 22], [23], [24, 25, 26]], 2),
+               ([14, 15], [[27], [28, 29], [30, 31]], 0),
+               ([16, 17, 18, 19, 20], [[32, 33, 34], [35], [36, 37]], 1),
+               ([41], [[42, 43], [44, 45, 46], [47]], 1)]
+
+
+def _choice_log_probs(scores, lengths, length_normalize):
+    scores = torch.stack([s / n for s, n in zip(scores, lengths)] if length_normalize else scores)
+    return scores.log_softmax(-1)[None]  # one factor, C outcomes
+
+
+def mc_causal_log_probs(length_normalize=False):
+    """log p(c | context) [1, C] of one example, one unpadded context + answer sequence at a time."""
+    def forward(model, example):
+        context, answers, _ = example
+        scores = []
+        for answer in answers:
+            seq = context + answer
+            lp = model(input_ids=torch.tensor([seq])).logits[0].log_softmax(-1)
+            scores.append(sum(lp[t - 1, seq[t]] for t in range(len(context), len(seq))))
+        return _choice_log_probs(scores, [len(a) for a in answers], length_normalize)
+    return forward
+
+
+def mc_seq2seq_log_probs(length_normalize=False):
+    """log p(c | question) [1, C] of one example: the encoder once on the unpadded question, the decoder once per
+    answer (teacher forcing from the start token)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    def forward(model, example):
+        question, answers, _ = example
+        encoded = model.get_encoder()(input_ids=torch.tensor([question])).last_hidden_state
+        scores = []
+        for answer in answers:
+            dec = torch.tensor([[model.config.decoder_start_token_id] + answer[:-1]])
+            lp = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+                       decoder_input_ids=dec).logits[0].log_softmax(-1)
+            scores.append(sum(lp[t, a] for t, a in enumerate(answer)))
+        return _choice_log_probs(scores, [len(a) for a in answers], length_normalize)
+    return forward
+
+
+def mc_causal_batches():
+    """input_ids [N, C, T] (context + answer, right-padded), attention_mask, choice_mask on the answer tokens."""
+    out = []
+    for chunk in (MC_EXAMPLES[:2], MC_EXAMPLES[2:]):
+        width = max(len(ctx) + len(a) for ctx, answers, _ in chunk for a in answers) + 1  # one pad column at least
+        ids = torch.full((len(chunk), 3, width), fm.PAD)
+        mask, choice = torch.zeros_like(ids), torch.zeros_like(ids)
+        for i, (ctx, answers, _) in enumerate(chunk):
+            for c, a in enumerate(answers):
+                ids[i, c, :len(ctx) + len(a)] = torch.tensor(ctx + a)
+                mask[i, c, :len(ctx) + len(a)] = 1
+                choice[i, c, len(ctx):len(ctx) + len(a)] = 1
+        out.append(dict(input_ids=ids, attention_mask=mask, choice_mask=choice,
+                        labels=torch.tensor([label for _, _, label in chunk])))
+    return out
+
+
+def mc_seq2seq_batches():
+    """input_ids [N, T] (question, right-padded), choice_ids [N, C, L]: padded with -100 in the first batch, with
+    pad_token_id and a choice_attention_mask in the second (T != L: the masks tell encoder and decoder rows apart)."""
+    out = []
+    for b, chunk in enumerate((MC_EXAMPLES[:2], MC_EXAMPLES[2:])):
+        t = max(len(q) for q, _, _ in chunk) + 1
+        length = max(len(a) for _, answers, _ in chunk for a in answers)
+        assert t != length
+        ids, am = torch.full((len(chunk), t), fm.PAD), torch.zeros(len(chunk), t, dtype=torch.long)
+        choices = torch.full((len(chunk), 3, length), -100 if b == 0 else fm.PAD)
+        cam = torch.zeros_like(choices)
+        for i, (q, answers, _) in enumerate(chunk):
+            ids[i, :len(q)], am[i, :len(q)] = torch.tensor(q), 1
+            for c, a in enumerate(answers):
+                choices[i, c, :len(a)], cam[i, c, :len(a)] = torch.tensor(a), 1
+        batch = dict(input_ids=ids, attention_mask=am, choice_ids=choices,
+                     labels=torch.tensor([label for _, _, label in chunk]))
+        if b == 1:
+            batch["choice_attention_mask"] = cam
+        out.append(batch)
+    return out
+
+
+MULTIPLE_CHOICE = {"causal": (fm.gpt2_lm, mc_causal_batches, mc_causal_log_probs),
+                   "seq2seq": (fm.t5, mc_seq2seq_batches, mc_seq2seq_log_probs)}
+
+
+@pytest.mark.parametrize("name", MULTIPLE_CHOICE)
+def test_gram_of_multiple_choice_matches_one_example_at_a_time(name):
+    make_model, make_batches, log_probs = MULTIPLE_CHOICE[name]
+    model = make_model()
+    got = ps.collect(model, make_batches(), kind="gram")
+    ref, _, rows = slow_layer_statistics(model, MC_EXAMPLES, lambda p: [], forward=log_probs())
+    assert got.metadata["num_examples"] == str(len(MC_EXAMPLES))
+    _check_layers(got, model, rows)
+    for n in ref:
+        _close(got[n + ".gram"], ref[n], n)
+    if name == "seq2seq":  # the encoder runs once per example; cross-attention reads its rows once per answer
+        enc_rows = sum(len(q) for q, _, _ in MC_EXAMPLES)
+        assert rows["encoder.block.0.layer.0.SelfAttention.q"] == enc_rows
+        assert rows["decoder.block.0.layer.1.EncDecAttention.k"] == 3 * enc_rows
+        assert rows["decoder.block.0.layer.1.EncDecAttention.q"] == sum(len(a) for _, ans, _ in MC_EXAMPLES
+                                                                      for a in ans)
+
+
+@pytest.mark.parametrize("name", MULTIPLE_CHOICE)
+@pytest.mark.parametrize("mode,length_normalize", [("empirical", False), ("exact", False), ("empirical", True)])
+def test_kfac_of_multiple_choice_matches_one_example_at_a_time(name, mode, length_normalize):
+    make_model, make_batches, log_probs = MULTIPLE_CHOICE[name]
+    model = make_model()
+    got = ps.collect(model, make_batches(), kind="kfac", mode=mode, length_normalize=length_normalize)
+    labels = iter([label for _, _, label in MC_EXAMPLES])
+    if mode == "empirical":
+        outcomes = lambda p: [(1.0, [next(labels)])]  # noqa: E731
+    else:
+        outcomes = lambda p: [(float(p[0, c]), [c]) for c in range(p.shape[1])]  # noqa: E731
+    ref_a, ref_g, rows = slow_layer_statistics(model, MC_EXAMPLES, outcomes, forward=log_probs(length_normalize))
+    assert got.metadata["mode"] == mode and got.metadata["length_normalize"] == str(length_normalize)
+    _check_layers(got, model, rows)
+    for n in ref_a:
+        _close(got[n + ".kfac_in"], ref_a[n], n + ".kfac_in")
+        _close(got[n + ".kfac_out"], ref_g[n], n + ".kfac_out")
+    assert any(float(ref_g[n].abs().max()) > 0 for n in ref_g)  # the gradients reached the layers
 
 
 def test_low_precision_model_accumulates_in_fp32():
@@ -237,3 +370,49 @@ def test_registry_lists_each_kind_once():
     assert ps.kinds() == ("fisher", "masks", "gram", "kfac")
     assert ps.get("kfac").modes == ps.get("fisher").modes == ("exact", "sampled", "empirical")
     assert ps.get("kfac").default_mode == "empirical"
+
+
+def _bad_layer_files(gram):
+    """(what is wrong, metadata, tensors, the message both readers must give) for a small gram file."""
+    import json
+
+    layers = json.loads(gram.metadata["layers"])
+    t = dict(gram.tensors)
+    info = layers["classifier"]
+    yield "no layers", {k: v for k, v in gram.metadata.items() if k != "layers"}, t, \
+        r"gram statistics need a `layers` metadata entry"
+    yield "not JSON", dict(gram.metadata, layers="{oops"), t, r"`layers` metadata is not valid JSON"
+    yield "not an object", dict(gram.metadata, layers="[1, 2]"), t, \
+        r"`layers` metadata must be a JSON object of module name -> layer, got list"
+    for field, value in (("in_features", "many"), ("transposed", "yes"), ("weight", None)):
+        entry = {k: v for k, v in info.items() if k != field} if value is None else dict(info, **{field: value})
+        yield f"bad {field}", dict(gram.metadata, layers=json.dumps(dict(layers, classifier=entry))), t, \
+            r"layer 'classifier': `layers` entry needs weight, bias, transposed, in_features, out_features, tokens"
+    yield "wrong shape", gram.metadata, dict(t, **{"classifier.gram": torch.zeros(16, 16)}), \
+        r"layer 'classifier': tensor 'classifier.gram' has shape \(16, 16\), expected \(17, 17\) for a layer with " \
+        r"16 inputs \+ 1 for the bias and 3 outputs"
+    yield "missing tensor", gram.metadata, {k: v for k, v in t.items() if k != "classifier.gram"}, \
+        r"layer 'classifier' has no tensor 'classifier.gram'"
+    yield "extra tensor", gram.metadata, dict(t, **{"pooler.dense.weight": torch.zeros(2)}), \
+        r"tensors \['pooler.dense.weight'\] belong to no layer of the `layers` metadata \(expected only <module>.gram\)"
+
+
+def test_layers_metadata_one_parser_for_files_and_merges(tmp_path):
+    """The store (ps.load) and the merge side (LayerStatistics) read `layers` with one parser: the same error,
+    naming the file and the layer, for every kind of bad entry."""
+    from pymerge.io.errors import CheckpointError
+    from pymerge.methods.layers import LayerStatistics
+
+    gram = ps.collect(fm.bert(), _batches(), kind="gram")
+    for i, (what, meta, tensors, message) in enumerate(_bad_layer_files(gram)):
+        path = tmp_path / f"bad{i}.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(CheckpointError, match=rf"bad{i}.safetensors: {message}"):
+            ps.load(path)
+        with pytest.raises(CheckpointError, match=rf"stats of m0 \(.*bad{i}.safetensors\): {message}"):
+            LayerStatistics(path, "stats of m0")
+    good = LayerStatistics(ps.save(tmp_path / "good.safetensors", gram), "stats of m0")
+    info = good.layers["classifier"]
+    assert (info.weight, info.bias, info.transposed, info.d_aug, info.tokens) == \
+        ("classifier.weight", "classifier.bias", False, 17, float(len(LENGTHS)))  # pooled: a row per example
+    assert set(good.layers) == set(gram.layers)

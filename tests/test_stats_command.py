@@ -1,48 +1,18 @@
 """`pymerge stats` on a tiny saved BERT with its own tokenizer: every kind matches Python on the same batches,
 wrong kinds / modes / flags are refused before any work, outputs are never clobbered silently."""
-import json
-
 import pytest
 import torch
 import transformers
 
-import fisher_models as fm
 import pymerge.stats as ps
+from command_fixtures import ROWS, model_dir, python_batches, write_rows  # noqa: F401 (model_dir: a fixture)
 from pymerge.cli import main as cli_main
 from pymerge.commands import stats as command
-
-WORDS = [f"w{i}" for i in range(fm.VOCAB - 5)]
-ROWS = [{"text": "w1 w2 w3", "label": "pos"}, {"text": "w4 w5", "label": "neg"},
-        {"text": "w7 w8 w9 w10 w11", "label": 1}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-bert")
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tokenizer = transformers.BertTokenizer(vocab_file=str(vocab))
-    model = fm.bert(num_labels=2, dtype=torch.float32)
-    model.config.label2id, model.config.id2label = {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture()
 def data(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return path
-
-
-def _python_batches(model_dir):
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    out = []
-    for rows in (ROWS[:2], ROWS[2:]):
-        enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
-        out.append(dict(enc, labels=torch.tensor([1 if r["label"] in ("pos", 1) else 0 for r in rows])))
-    return out
+    return write_rows(tmp_path, ROWS)
 
 
 @pytest.mark.parametrize("kind,mode", [("gram", None), ("kfac", None), ("kfac", "exact"), ("fisher", "empirical")])
@@ -52,7 +22,7 @@ def test_each_kind_matches_python(model_dir, data, tmp_path, kind, mode):
     assert cli_main(argv + (["--mode", mode] if mode else [])) == 0
     got = ps.load(out, kind=kind)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir)
-    ref = ps.collect(model, _python_batches(model_dir), kind=kind, mode=mode)
+    ref = ps.collect(model, python_batches(model_dir), kind=kind, mode=mode)
     assert got.metadata["mode"] == ref.metadata["mode"] and got.metadata["num_examples"] == "3"
     assert got.metadata["structure"] == ps.structure_fingerprint(model)
     assert set(got.keys()) == set(ref.keys())

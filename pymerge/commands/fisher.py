@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pymerge.commands.stats import add_data_arguments, collect_to_file
+from pymerge.commands.stats import add_data_arguments, collect_command, standalone_main
 
 HELP = "compute and store a model's diagonal Fisher"
 DESCRIPTION = """\
@@ -28,15 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.mode == "masks":  # the mask Fisher is the `masks` kind of statistics
-        return collect_to_file(args, "fisher", "masks", args.mask_mode, {})
-    return collect_to_file(args, "fisher", "fisher", args.mode, dict(num_samples=args.num_samples, seed=args.seed))
+        return collect_command(args, "fisher", "masks", args.mask_mode)
+    return collect_command(args, "fisher", "fisher", args.mode)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pymerge fisher", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone_main("pymerge fisher", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def run(args) -> int:
 
 def _compute_from_config(args, plots) -> dict:
     """The landscape of a `pymerge search` config's two models (same YAML: base model, models, per-task data)."""
-    from pymerge.commands.search import build_tasks, load_config
+    from pymerge.search.config import build_tasks, load_config
     from pymerge.errors import UsageError
 
     base, entries, search = load_config(args.source)

@@ -10,8 +10,6 @@ No torch import at module level: `pymerge --help` stays light.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -58,29 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable; e.g. 'lm_head')")
 
 
-def read_rows(path: Path) -> List[Dict[str, object]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: file not found")
-    rows: List[Dict[str, object]] = []
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"--data {path}:{lineno}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(row, dict):
-                    raise ValueError(f"--data {path}:{lineno}: expected a JSON object per line")
-                rows.append(row)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-    else:
-        raise ValueError(f"--data {path}: expected a .jsonl or .csv file")
-    return rows
-
 
 def load_model(model_dir: Path, device: str):
     import transformers
@@ -107,23 +82,11 @@ def load_model(model_dir: Path, device: str):
     return model, tokenizer
 
 
-def _label_id(value, label2id, where: str) -> int:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    text = str(value).strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    if label2id and text in label2id:
-        return int(label2id[text])
-    raise ValueError(f"{where}: label {value!r} is neither an integer nor one of the model's labels "
-                     f"{sorted(label2id) if label2id else []}")
-
-
 def make_batches(rows, tokenizer, args, label2id, need_labels: str = ""):
     """Tokenised batches of --batch-size rows (labels when every row has one). need_labels: why labels are
     required (empty when they are not), for the error message."""
+    from pymerge.io.rows import label_id
+
     text_col, pair_col, label_col = args.text_column, args.text_pair_column, args.label_column
     batches = []
     for lo in range(0, len(rows), args.batch_size):
@@ -141,11 +104,10 @@ def make_batches(rows, tokenizer, args, label2id, need_labels: str = ""):
         if all(label_col in r for r in chunk):
             import torch
 
-            batch["labels"] = torch.tensor([_label_id(r[label_col], label2id, f"--data example {lo + j + 1}")
+            batch["labels"] = torch.tensor([label_id(r[label_col], label2id, f"--data example {lo + j + 1}")
                                             for j, r in enumerate(chunk)])
         batches.append(batch)
     return batches
-
 
 
 def collect_to_file(args: argparse.Namespace, command: str, kind: str, mode, options: Dict[str, object]) -> int:
@@ -166,6 +128,8 @@ def collect_to_file(args: argparse.Namespace, command: str, kind: str, mode, opt
         raise ValueError(f"--mode: {kind} statistics take one of {estimator.modes}, got {mode!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from pymerge.io.rows import read_rows
+
     rows = read_rows(Path(args.data))
     if args.num_examples is not None:
         rows = rows[:args.num_examples]
@@ -185,22 +149,34 @@ def collect_to_file(args: argparse.Namespace, command: str, kind: str, mode, opt
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def collect_command(args: argparse.Namespace, command: str, kind: str, mode) -> int:
+    """`pymerge <command>` computing statistics of `kind` (mode None: the kind's default) with the options of
+    `args` that apply to it (`pymerge fisher` has no --exclude)."""
     options: Dict[str, object] = {}
-    if args.kind in ("fisher", "kfac"):
+    if kind in ("fisher", "kfac"):
         options.update(num_samples=args.num_samples, seed=args.seed)
-    if args.exclude:
-        if args.kind not in ("gram", "kfac"):
-            raise ValueError(f"--exclude: only for --kind gram or kfac (per-layer statistics), not {args.kind!r}")
-        options["exclude"] = args.exclude
-    return collect_to_file(args, "stats", args.kind, args.mode, options)
+    exclude = getattr(args, "exclude", None)
+    if exclude:
+        if kind not in ("gram", "kfac"):
+            raise ValueError(f"--exclude: only for --kind gram or kfac (per-layer statistics), not {kind!r}")
+        options["exclude"] = exclude
+    return collect_to_file(args, command, kind, mode, options)
+
+
+def run(args: argparse.Namespace) -> int:
+    return collect_command(args, "stats", args.kind, args.mode)
+
+
+def standalone_main(prog: str, command, argv=None) -> int:
+    """`python -m pymerge.commands.<name>`: the command module's parser and run, outside `pymerge`."""
+    parser = argparse.ArgumentParser(prog=prog, description=command.DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pymerge stats", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone_main("pymerge stats", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

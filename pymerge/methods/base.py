@@ -264,6 +264,11 @@ class MergeMethod:
     def validate(self, global_params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> None:
         """Cross-parameter checks after each value passed its own (override when needed)."""
 
+    def base_needed(self, global_params: Mapping[str, Any]) -> Optional[str]:
+        """Why this merge reads `base_model`, given the global parameter values, or None when it does not (the
+        engine then reads no base tensor). Default: every merge of a method with `needs_base` (task vectors)."""
+        return "works on task vectors" if self.needs_base else None
+
     def prepare(self, inputs: "PrepareInputs") -> Dict[str, Any]:
         """Optional whole-model pass before merging (e.g. Fisher norms); returns `TensorInputs.state`."""
         return {}

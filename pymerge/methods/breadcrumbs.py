@@ -4,9 +4,9 @@ magnitudes (outliers) and the smallest ones, keeping `density` of the entries; t
 int(d·n) (`trim_count: floor`). Where int(γ·n) is 0 no outlier is dropped (mergekit 0.1.5 keeps nothing then:
 its slice `[n_bot:-0]` is empty).
 """
-from pymerge.methods.base import MergeMethod, Param, in_range
-from pymerge.methods.registry import register
-from pymerge.methods.sparsify import apply_rescale, combine, family_params, float_task_vectors, outlier_mask
+from pymerge.methods.base import Param, in_range
+from pymerge.methods.sparsify import (SparsifiedTaskVectors, apply_rescale, family_params, outlier_mask,
+                                      register_variants)
 
 
 def _params(consensus):
@@ -15,25 +15,15 @@ def _params(consensus):
     )
 
 
-class _Breadcrumbs(MergeMethod):
-    needs_base = True
-
-    def merge_tensor(self, x):
-        p = x.params
-        tvs = [apply_rescale(tv, tv * outlier_mask(tv, d, g, p["trim_count"]), p["rescale"], keep_prob=d)
-               for tv, d, g in zip(float_task_vectors(x), x.per_model("density"), x.per_model("gamma"))]
-        return combine(x.base, tvs, x.per_model("weight"), p.get("consensus"), p["normalize"], p["lambda"])
+class _Breadcrumbs(SparsifiedTaskVectors):
+    def sparsify(self, x, i, tv):
+        d, g = x.model_params[i]["density"], x.model_params[i]["gamma"]
+        return apply_rescale(tv, tv * outlier_mask(tv, d, g, x.params["trim_count"]), x.params["rescale"],
+                             keep_prob=d)
 
 
-@register
-class Breadcrumbs(_Breadcrumbs):
-    name = "breadcrumbs"
-    description = "Model Breadcrumbs: drop outliers and small entries of each task vector, weighted sum"
-    params = _params(None)
-
-
-@register
-class BreadcrumbsTies(_Breadcrumbs):
-    name = "breadcrumbs_ties"
-    description = "Model Breadcrumbs with TIES sign consensus"
-    params = _params("sum")
+Breadcrumbs, BreadcrumbsTies = register_variants(
+    _Breadcrumbs, __name__,
+    Breadcrumbs=("breadcrumbs", "Model Breadcrumbs: drop outliers and small entries of each task vector, "
+                 "weighted sum", _params(None)),
+    BreadcrumbsTies=("breadcrumbs_ties", "Model Breadcrumbs with TIES sign consensus", _params("sum")))

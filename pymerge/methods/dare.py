@@ -11,8 +11,8 @@ does not depend on the order tensors are processed in or on the device.
 from pymerge import ops
 from pymerge.methods.base import MergeMethod, Param, in_range
 from pymerge.methods.registry import register
-from pymerge.methods.sparsify import (combine, family_params, float_task_vectors, fused_density, magnitude_mask,
-                                      random_drop, tensor_seed)
+from pymerge.methods.sparsify import (SparsifiedTaskVectors, combine, float_task_vectors, fused_density,
+                                      magnitude_mask, random_drop, random_drop_params, register_variants, tensor_seed)
 
 __all__ = ["Dare", "DareTies", "DareLinear", "tensor_seed"]
 
@@ -54,33 +54,16 @@ class Dare(MergeMethod):
         return ops.weighted_sum(tvs, coeffs, base=x.base.to(tvs[0].dtype))
 
 
-class _MergekitDare(MergeMethod):
+class _MergekitDare(SparsifiedTaskVectors):
     """mergekit's dare_ties / dare_linear: random drop with keep probability `density` per model."""
 
-    needs_base = True
-    consensus_default = None
-
-    def merge_tensor(self, x):
-        p = x.params
-        tvs = [random_drop(tv, d, p["seed"], i, x.name, p["rescale"])
-               for i, (tv, d) in enumerate(zip(float_task_vectors(x), x.per_model("density")))]
-        return combine(x.base, tvs, x.per_model("weight"), p.get("consensus"), p["normalize"], p["lambda"])
+    def sparsify(self, x, i, tv):
+        return random_drop(tv, x.model_params[i]["density"], x.params["seed"], i, x.name, x.params["rescale"])
 
 
-def _mergekit_dare_params(normalize, consensus):
-    return family_params(normalize=normalize, rescale="l1", consensus=consensus) + (
-        Param("seed", int, 0, help="random seed"),)
-
-
-@register
-class DareTies(_MergekitDare):
-    name = "dare_ties"
-    description = "mergekit's DARE TIES: random drop (keep `density`), L1 rescale, sign consensus"
-    params = _mergekit_dare_params(normalize=False, consensus="sum")
-
-
-@register
-class DareLinear(_MergekitDare):
-    name = "dare_linear"
-    description = "mergekit's linear DARE: random drop (keep `density`), L1 rescale, weighted sum"
-    params = _mergekit_dare_params(normalize=False, consensus=None)
+DareTies, DareLinear = register_variants(
+    _MergekitDare, __name__,
+    DareTies=("dare_ties", "mergekit's DARE TIES: random drop (keep `density`), L1 rescale, sign consensus",
+              random_drop_params(normalize=False, consensus="sum")),
+    DareLinear=("dare_linear", "mergekit's linear DARE: random drop (keep `density`), L1 rescale, weighted sum",
+                random_drop_params(normalize=False, consensus=None)))

@@ -12,7 +12,6 @@ bias names and orientation) before any tensor data is read, and budgets prefetch
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +21,9 @@ import torch
 
 from pymerge.io.errors import CheckpointError, IncompatibleModelsError
 from pymerge.io.reader import CheckpointDir, StateDictSource, TensorSource, open_source
+from pymerge.stats.store import LAYER_KINDS, LAYER_TENSORS, LayerInfo, kind_of, parse_layers  # noqa: F401 (re-exported)
 
 PER_PARAMETER_KINDS = ("fisher", "masks", "model", "tensors")
-LAYER_KINDS = ("gram", "kfac")
-# tensors of one layer per layer kind: (suffix, shape from (d', k))
-LAYER_TENSORS = {
-    "gram": (("gram", lambda d, k: (d, d)),),
-    "kfac": (("kfac_in", lambda d, k: (d, d)), ("kfac_out", lambda d, k: (k, k))),
-}
-
 
 @dataclass(frozen=True)
 class SideInput:
@@ -55,7 +48,7 @@ class SideInput:
         if self.per_layer:
             if layer is None:
                 return 0
-            return size * sum(_numel(f(layer.d_aug, layer.out_features)) for _, f in LAYER_TENSORS[self.kind])
+            return size * sum(_numel(s) for s in layer.tensor_shapes(self.kind).values())
         return size * _numel(shape)
 
 
@@ -64,28 +57,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A linear layer as a statistics file describes it (nn.Linear: weight [k, d]; HF Conv1D: [d, k])."""
-
-    module: str
-    weight: str
-    bias: Optional[str]
-    transposed: bool
-    in_features: int
-    out_features: int
-
-    @property
-    def d_aug(self) -> int:
-        """Columns of X = [W | b]: inputs, plus one for the bias."""
-        return self.in_features + (self.bias is not None)
-
-    @property
-    def weight_shape(self) -> Tuple[int, int]:
-        k, d = self.out_features, self.in_features
-        return (d, k) if self.transposed else (k, d)
 
 
 class LayerStatistics:
@@ -108,39 +79,11 @@ class LayerStatistics:
         if meta.get("pymerge_stats") is None:
             raise CheckpointError(f"{self.label}: has no pymerge statistics metadata (was it written by "
                                   "`pymerge stats`?)")
-        self.kind = meta.get("kind") or ("masks" if meta.get("mode") == "masks" else "fisher")
+        self.kind = kind_of(meta)
         self.metadata = dict(meta)
         self.layers: Dict[str, LayerInfo] = {}
         if self.kind in LAYER_KINDS:
-            self.layers = self._parse_layers()
-
-    def _parse_layers(self) -> Dict[str, LayerInfo]:
-        try:
-            raw = json.loads(self.metadata["layers"])
-        except KeyError:
-            raise CheckpointError(f"{self.label}: {self.kind} statistics need a `layers` metadata entry") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{self.label}: `layers` metadata is not valid JSON ({exc.msg})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{self.label}: `layers` metadata must map module names to layers")
-        layers = {}
-        for m, info in raw.items():
-            try:
-                layers[m] = LayerInfo(m, str(info["weight"]), None if info.get("bias") is None else str(info["bias"]),
-                                      bool(info["transposed"]), int(info["in_features"]), int(info["out_features"]))
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.label}: layer {m!r}: `layers` entry needs weight, bias, transposed, "
-                                      f"in_features, out_features; got {info!r}") from None
-            for suffix, shape_of in LAYER_TENSORS[self.kind]:
-                key, want = f"{m}.{suffix}", shape_of(layers[m].d_aug, layers[m].out_features)
-                if key not in self.source:
-                    raise CheckpointError(f"{self.label}: layer {m!r} has no tensor {key!r}")
-                if tuple(self.source.shape(key)) != want:
-                    raise CheckpointError(f"{self.label}: layer {m!r}: {key!r} has shape "
-                                          f"{tuple(self.source.shape(key))}, expected {want} for a layer with "
-                                          f"{layers[m].in_features} inputs{' + bias' if layers[m].bias else ''} "
-                                          f"and {layers[m].out_features} outputs")
-        return layers
+            self.layers = parse_layers(meta, self.kind, self.label, self.source.keys(), self.source.shape)
 
     def read_layer(self, module: str) -> Dict[str, torch.Tensor]:
         return {suffix: self.source.read(f"{module}.{suffix}") for suffix, _ in LAYER_TENSORS[self.kind]}

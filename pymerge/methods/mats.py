@@ -25,7 +25,7 @@ INITS = ("task_arithmetic", "average", "pretrained", "model")
 @register
 class MaTS(MergeMethod):
     name = "mats"
-    needs_base = True  # the default initialisation (task arithmetic) is built on the pretrained model
+    needs_base = True  # by default (init: task_arithmetic); not for init average / model, see base_needed
     description = "MaTS: conjugate gradient on a merging objective (RegMean, K-FAC, diagonal Fisher, average)"
     params = (
         Param("objective", str, "regmean", choices=OBJECTIVES, help="the matrices C_m of Σ C_m θ = Σ C_m θ_m"),
@@ -81,6 +81,13 @@ class MaTS(MergeMethod):
             check_others(global_params, model_params, self.name)
         if global_params["init"] == "model" and global_params.get("init_model") is None:
             raise ConfigError("mats: init: model needs `init_model` (a merged checkpoint to start from)")
+
+    def base_needed(self, global_params):
+        """Only the initialisation can use the pretrained model: the objectives never do."""
+        init = global_params["init"]
+        if init in ("task_arithmetic", "pretrained"):
+            return f"starts from the pretrained model with init: {init} (init: average or init: model need none)"
+        return None
 
     # ------------------------------------------------------------------------------------------
     def _init(self, x, models, base, init_tensor, dtype):

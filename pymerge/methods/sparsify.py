@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from pymerge import ops
-from pymerge.methods.base import ConfigError, Param, in_range
+from pymerge.methods.base import ConfigError, MergeMethod, Param, in_range
 
 def tensor_seed(seed: int, model_index: int, name: str) -> int:
     """The random stream of model i's tensor NAME: independent of processing order and device."""
@@ -204,3 +204,36 @@ def float_task_vectors(x) -> List[torch.Tensor]:
         return x.task_vectors()
     base = x.base.float()
     return [m.float() - base for m in x.models]
+
+
+class SparsifiedTaskVectors(MergeMethod):
+    """A method of the family: drop entries of each model's fp32 task vector (`sparsify`), then `combine` them with
+    the family's parameters (weight, consensus, normalize, lambda)."""
+
+    needs_base = True
+
+    def sparsify(self, x, i: int, tv: torch.Tensor) -> torch.Tensor:
+        """Model i's task vector τ_i (fp32) with entries dropped and rescaled."""
+        raise NotImplementedError
+
+    def merge_tensor(self, x):
+        p = x.params
+        tvs = [self.sparsify(x, i, tv) for i, tv in enumerate(float_task_vectors(x))]
+        return combine(x.base, tvs, x.per_model("weight"), p.get("consensus"), p["normalize"], p["lambda"])
+
+
+def random_drop_params(*, normalize: bool, consensus: Optional[str], extra: tuple = ()) -> tuple:
+    """The parameters of a random-drop method of the family (mergekit's dare_* / della*): the family's, L1
+    rescale by default, `extra`, then the `seed` of the random masks."""
+    return family_params(normalize=normalize, rescale="l1", consensus=consensus) + tuple(extra) + (
+        Param("seed", int, 0, help="random seed"),)
+
+
+def register_variants(base: type, module: str, **variants) -> tuple:
+    """Register one subclass of `base` per variant, class name=(method name, description, params); returns the
+    classes in that order. The variants of a method differ only in these (e.g. with and without sign consensus)."""
+    from pymerge.methods.registry import register
+
+    return tuple(register(type(cls, (base,), {"name": name, "description": description, "params": params,
+                                              "__module__": module, "__doc__": description}))
+                 for cls, (name, description, params) in variants.items())

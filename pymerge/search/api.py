@@ -20,6 +20,7 @@ from pymerge.eval.metrics import metric_name
 from pymerge.eval.tasks import Task
 from pymerge.search.loop import best_trial, run_search
 from pymerge.search.objective import DFMergeObjective
+from pymerge.search.workers import check_backend, make_pool, worker_evaluate
 
 REPORT_NAME = "pymerge_search.json"
 
@@ -42,41 +43,6 @@ class DFMergeResult:
     def test_mean(self) -> Optional[float]:
         vals = [v for v in self.test.values() if v is not None]
         return sum(vals) / len(vals) if vals else None
-
-
-# ------------------------------------------------------------------------------------------ workers
-_WORKER = None
-
-
-def _init_worker(pretrained, finetuned, tasks, kwargs, devices, workers) -> None:
-    global _WORKER
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
-    device = devices.get() if devices is not None else kwargs.get("device")
-    _WORKER = DFMergeObjective(pretrained, finetuned, tasks, **{**kwargs, "device": device})
-
-
-def _worker_evaluate(lambdas):
-    """Evaluates in this worker's own objective (built once by _init_worker), never in one sent with the call."""
-    if _WORKER is None:
-        raise RuntimeError("_worker_evaluate runs only in a pool made by _make_pool (no worker objective here)")
-    return _WORKER(lambdas)
-
-
-def _make_pool(workers: int, pretrained, finetuned, tasks, kwargs):
-    """One spawned process per worker, each with its own working model (on its own GPU where there are
-    several). Spawn, not fork: a forked child of a process whose OpenMP / CUDA threads are running can hang."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch.multiprocessing as tmp
-
-    ctx = tmp.get_context("spawn")
-    devices = None
-    if kwargs.get("device") is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        devices = ctx.Queue()
-        for w in range(workers):
-            devices.put(f"cuda:{w % torch.cuda.device_count()}")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(pretrained, finetuned, tasks, kwargs, devices, workers))
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -130,7 +96,8 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
             xi: Optional[float] = None, optimizer_options: Optional[dict] = None, fisher_examples: int = 30,
             use_fisher: bool = True, search: bool = True,
             objective: Optional[Callable[[Dict[str, float]], float]] = None, patience: Optional[int] = None,
-            time_budget: Optional[float] = None, workers: int = 1, device=None,
+            time_budget: Optional[float] = None, workers: int = 1, backend: str = "local",
+            ray_address: Optional[str] = None, ray_options: Optional[dict] = None, device=None,
             log: Union[str, os.PathLike, None] = None, resume: bool = False, overwrite: bool = False,
             out_dir: Union[str, os.PathLike, None] = None, force: bool = False, report: Union[str, os.PathLike, None] = None,
             progress: bool = True, eps: float = 1e-8, batch_size: Optional[int] = None,
@@ -143,13 +110,21 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     comes from that model). optimizer: "gp-ei" | "gp-ucb" (n_init random points then n_iter GP steps; beta /
     xi set UCB's β and EI's ξ) | "grid" | any nevergrad name (budget n_init + n_iter). Ablations: use_fisher=False
     (general task arithmetic with searched λ); search=False (Fisher merging: λ_i = 1/M, Fishers at θ_i).
-    workers > 1: a batch of `workers` points per ask, each evaluated in its own spawned process.
+    workers > 1: a batch of `workers` points per ask, each evaluated by its own worker holding its own working
+    model: backend "local" (a spawned process per worker) or "ray" (a Ray actor per worker, on the cluster at
+    ray_address or a local Ray instance; ray_options: actor options such as num_cpus / num_gpus; needs
+    `pip install pymerge[ray]`; with Ray every evaluation runs in an actor, workers=1 included). Same results
+    for one seed whatever the backend (pymerge.search.workers).
     fisher_options: extra arguments of `pymerge.fisher.estimate` (e.g. batched_backward, max_rounds_per_backward).
+    patience: stop after that many evaluations without improvement (past the random points); time_budget:
+    seconds of search, counted across resumes from the log's "elapsed" (pymerge.search.loop), so a resumed
+    search stops where the uninterrupted one would.
     log: JSONL trial log (resume=True continues it after a crash). out_dir: write the best merged model (HF
     directory, heads per task) and the report there (REPORT_NAME) atomically; report: the JSON report elsewhere.
     """
     tasks = list(tasks)
     finetuned = list(finetuned)
+    check_backend(backend, workers, ray_address, ray_options)  # before any work
     if out_dir is not None:
         from pymerge.io.writer import check_target
 
@@ -167,14 +142,13 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
               "fisher_examples": fisher_examples, "use_fisher": use_fisher, "search": search, "eps": eps,
               "objective": "mean" if objective is None else metric_name(objective)}
     if search:
-        pool = None
-        if workers > 1:
-            pool = _make_pool(workers, pretrained, finetuned, tasks, kwargs)
+        pool = make_pool(backend, workers, pretrained, finetuned, tasks, kwargs, ray_address=ray_address,
+                         ray_options=ray_options)
         try:
             trials = run_search(obj, M, optimizer=optimizer, n_init=n_init, n_iter=n_iter, bounds=bounds, seed=seed,
                                 options=options, log_path=log, header=header, resume=resume, overwrite=overwrite,
                                 patience=patience, time_budget=time_budget, workers=workers, pool=pool,
-                                pool_evaluate=_worker_evaluate, progress=progress)
+                                pool_evaluate=worker_evaluate, progress=progress, remote_always=backend == "ray")
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
@@ -186,7 +160,7 @@ def dfmerge(pretrained, finetuned: Sequence, tasks: Sequence[Task], *, optimizer
     metrics, value, seconds = obj.evaluate_fixed(lambdas, fisher_at=fisher_at)
     if best is None:
         best = {"trial": 0, "lambdas": lambdas, "metrics": metrics, "objective": value, "phase": "search",
-                "seconds": seconds}
+                "seconds": seconds, "elapsed": sum(seconds.values())}
         trials = [best]
         if log is not None:
             from pymerge.search.log import open_log

@@ -2,17 +2,22 @@
 
     {"header": {...search settings...}}
     {"trial": k, "lambdas": [..], "metrics": {task: value}, "objective": x, "phase": "random" | "search",
-     "seconds": {"fisher": s, "combine": s, "evaluate": s}}
+     "seconds": {"fisher": s, "combine": s, "evaluate": s}, "elapsed": s}
+
+"elapsed": the search's own wall-clock seconds when this evaluation finished, summed over every run of it
+(a resumed run goes on from the log's largest; logs written before it existed count the summed phase seconds
+instead). The wall-clock budget is checked against it (pymerge.search.loop).
 
 A process killed mid-write (kill -9) leaves at most a truncated last line: it is dropped on reading and cut off
 before appending. Lines may be out of trial order (parallel workers finish in any order); readers key by trial.
+This module is the one reader of the format (`read`, `trials_in_order`; the plots use it too).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 TRIAL_KEYS = ("trial", "lambdas", "metrics", "objective", "phase", "seconds")
 
@@ -21,10 +26,14 @@ class TrialLogError(ValueError):
     pass
 
 
-def read(path: Union[str, os.PathLike]) -> Tuple[Optional[dict], Dict[int, dict], int]:
+def read(path: Union[str, os.PathLike], required: Sequence[str] = TRIAL_KEYS
+         ) -> Tuple[Optional[dict], Dict[int, dict], int]:
     """(header or None, {trial: record}, byte length of the intact part). A last line without its newline
-    (cut off by a kill) is ignored; any other unreadable line is an error naming the line."""
+    (cut off by a kill) is ignored; any other unreadable line, or a record lacking a `required` key, is an
+    error naming the file and line."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such trial log")
     data = path.read_bytes()
     header, trials, good = None, {}, 0
     lines = data.split(b"\n")
@@ -36,16 +45,30 @@ def read(path: Union[str, os.PathLike]) -> Tuple[Optional[dict], Dict[int, dict]
         if raw.strip():
             try:
                 rec = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise TrialLogError(f"{path}:{lineno}: not valid JSON ({exc.msg}); the log is damaged") from exc
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+                raise TrialLogError(f"{path}:{lineno}: not valid JSON ({msg}); the log is damaged") from exc
             if isinstance(rec, dict) and "header" in rec and lineno == 1:
                 header = rec["header"]
-            elif isinstance(rec, dict) and all(k in rec for k in TRIAL_KEYS):
-                trials[int(rec["trial"])] = rec
             else:
-                raise TrialLogError(f"{path}:{lineno}: expected a trial record with keys {TRIAL_KEYS}")
+                missing = [k for k in required if k not in rec] if isinstance(rec, dict) else list(required)
+                if missing:
+                    raise TrialLogError(f"{path}:{lineno}: a trial record needs {missing} (a record has "
+                                        f"{', '.join(TRIAL_KEYS)})")
+                try:
+                    trials[int(rec["trial"])] = rec
+                except (TypeError, ValueError) as exc:
+                    raise TrialLogError(f"{path}:{lineno}: trial: expected an integer, got {rec['trial']!r}") from exc
         good = good_next
     return header, trials, good
+
+
+def elapsed(rec: dict, summed_before: float = 0.0) -> float:
+    """The search's wall-clock seconds when `rec` finished: its "elapsed", or for a log without it the phase
+    seconds summed over this and the earlier trials (`summed_before`)."""
+    if "elapsed" in rec:
+        return float(rec["elapsed"])
+    return summed_before + sum(float(v) for v in rec.get("seconds", {}).values())
 
 
 class TrialLog:
@@ -103,7 +126,8 @@ def open_log(path: Union[str, os.PathLike], header: dict, *, resume: bool = Fals
     return log, {}
 
 
-def trials_in_order(path: Union[str, os.PathLike]) -> List[dict]:
-    """The finished trials of a log sorted by trial number (for plots and reports)."""
-    _, trials, _ = read(path)
-    return [trials[k] for k in sorted(trials)]
+def trials_in_order(path: Union[str, os.PathLike], required: Sequence[str] = TRIAL_KEYS
+                    ) -> Tuple[Optional[dict], List[dict]]:
+    """(header or None, the finished trials of a log sorted by trial number) for plots and reports."""
+    header, trials, _ = read(path, required)
+    return header, [trials[k] for k in sorted(trials)]

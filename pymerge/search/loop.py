@@ -2,11 +2,19 @@
 
 `run_search(evaluate, dimension, ...)` maximises `evaluate(lambdas) -> (metrics, objective, seconds)`.
 With workers > 1 the optimiser is asked for a batch of `workers` points, evaluated by
-`pool.submit(pool_evaluate, lambdas)` (a concurrent.futures executor), told in asked order. For a process pool,
-pool_evaluate must be a module-level function that evaluates in the worker's own state: submitting `evaluate`
-itself would pickle it (and its working model) with every point. On resume the logged trials are replayed: the optimiser is
-asked as before (asks are deterministic given the seed and the history told) and told the logged objective;
-only missing trials are evaluated, so the run ends where an uninterrupted run ends.
+`pool.submit(pool_evaluate, lambdas)` (a concurrent.futures executor, or pymerge.search.workers' Ray actor pool),
+told in asked order whichever worker finishes first. For a process pool, pool_evaluate must be a module-level
+function that evaluates in the worker's own state: submitting `evaluate` itself would pickle it (and its working
+model) with every point. On resume the logged trials are replayed: the optimiser is asked as before (asks are
+deterministic given the seed and the history told) and told the logged objective; only missing trials are
+evaluated, so the run ends where an uninterrupted run ends.
+
+The wall-clock budget (time_budget seconds) counts the search's own time across resumes: every trial record
+carries "elapsed", the search's seconds when it finished (a resumed run continues from the largest logged
+value; time lost to a kill, after the last finished evaluation, and model loading before the loop are not
+counted). Before each ask the budget is compared with the elapsed of the last finished evaluation, a number in
+the log, so a resumed search stops exactly where the uninterrupted one did, and a resume with a larger budget
+goes on.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Callable, Dict, List, Optional, Tuple
 
 from pymerge.search import optimizers
-from pymerge.search.log import TrialLogError, open_log
+from pymerge.search.log import TrialLogError, elapsed, open_log
 
 Evaluation = Tuple[Dict[str, float], float, Dict[str, float]]
 
@@ -30,9 +38,12 @@ def run_search(evaluate: Callable[[List[float]], Evaluation], dimension: int, *,
                options: Optional[dict] = None, log_path=None, header: Optional[dict] = None, resume: bool = False,
                overwrite: bool = False, patience: Optional[int] = None, time_budget: Optional[float] = None,
                workers: int = 1, pool=None, pool_evaluate: Optional[Callable] = None, progress: bool = True,
-               describe: Optional[Callable] = None) -> List[dict]:
+               describe: Optional[Callable] = None, remote_always: bool = False,
+               clock: Callable[[], float] = time.monotonic) -> List[dict]:
     """Runs the search; returns the trial records in order. Budget: n_init + n_iter evaluations (for the GP,
-    n_init random points then n_iter acquisition steps; for other optimisers, the total)."""
+    n_init random points then n_iter acquisition steps; for other optimisers, the total), fewer with patience
+    or time_budget (seconds, see the module doc). With a pool, a batch with a single point left to evaluate is
+    evaluated here unless remote_always (the workers hold the devices). clock: seconds (tests inject a fake)."""
     for name, v in (("n_init", n_init), ("n_iter", n_iter)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
@@ -65,13 +76,26 @@ def run_search(evaluate: Callable[[List[float]], Evaluation], dimension: int, *,
 
         bar = tqdm(total=budget, desc=f"search ({key})", unit="eval", dynamic_ncols=True)
     trials: List[dict] = []
-    best, since_best, start = -math.inf, 0, time.monotonic()
+    best, since_best = -math.inf, 0
+    # the search clock: this run counts from its first evaluation on, after the log's largest elapsed
+    summed, offset = 0.0, 0.0
+    for t in sorted(logged):
+        offset = max(offset, elapsed(logged[t], summed))
+        summed += sum(float(v) for v in logged[t]["seconds"].values())
+    start: List[float] = []
+    spent, summed = 0.0, 0.0  # elapsed of the last finished trial (replayed or new); summed phase seconds
+
+    def now() -> float:
+        if not start:
+            start.append(clock())
+        return offset + clock() - start[0]
+
     try:
         k = 0
         while k < budget:
             if patience is not None and since_best >= patience and k >= n_init:
                 break
-            if time_budget is not None and time.monotonic() - start >= float(time_budget):
+            if time_budget is not None and spent >= float(time_budget):
                 break
             cands = [opt.ask() for _ in range(min(workers, budget - k))]
             records: List[Optional[dict]] = [None] * len(cands)
@@ -91,12 +115,14 @@ def run_search(evaluate: Callable[[List[float]], Evaluation], dimension: int, *,
                 metrics, objective, seconds = result
                 rec = {"trial": k + j, "lambdas": lam, "metrics": {t: float(v) for t, v in metrics.items()},
                        "objective": float(objective), "phase": optimizers.phase(key, k + j, options),
-                       "seconds": {s: float(v) for s, v in seconds.items()}}
+                       "seconds": {s: float(v) for s, v in seconds.items()}, "elapsed": now()}
                 if log is not None:
                     log.append(rec)
                 records[j] = rec
 
-            if pool is None or len(todo) <= 1:
+            if todo:
+                now()  # the clock starts with the first evaluation of this run (the replay is not counted again)
+            if pool is None or (len(todo) <= 1 and not remote_always):
                 for j, lam in todo:
                     finish(j, lam, evaluate(lam))
             else:
@@ -115,6 +141,8 @@ def run_search(evaluate: Callable[[List[float]], Evaluation], dimension: int, *,
                 else:
                     since_best += 1
                 trials.append(rec)
+                spent = max(spent, elapsed(rec, summed))
+                summed += sum(float(v) for v in rec["seconds"].values())
                 if bar is not None:
                     best_rec = max(trials, key=lambda r: r["objective"])
                     lam_txt = ",".join(f"{v:.3f}" for v in best_rec["lambdas"])

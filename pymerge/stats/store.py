@@ -19,9 +19,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping, Union
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
+
+from pymerge.io.errors import CheckpointError
 
 FORMAT_VERSION = "1"  # of `pymerge_stats`; also written as `pymerge_fisher` for per-parameter kinds
 FISHER_FORMAT_VERSION = "1"
@@ -29,11 +31,12 @@ KINDS = ("fisher", "masks", "gram", "kfac")
 PER_PARAMETER_KINDS = ("fisher", "masks")
 LAYER_KINDS = ("gram", "kfac")
 REQUIRED_METADATA = ("mode", "num_examples", "structure", "weights")
-# The tensors of one layer, per layer kind: (suffix, shape from (d', k)).
+# The tensors of one layer, per layer kind: (suffix, shape from (d', k)); the tensor of module m is "m.suffix".
 LAYER_TENSORS = {
-    "gram": ((".gram", lambda d, k: (d, d)),),
-    "kfac": ((".kfac_in", lambda d, k: (d, d)), (".kfac_out", lambda d, k: (k, k))),
+    "gram": (("gram", lambda d, k: (d, d)),),
+    "kfac": (("kfac_in", lambda d, k: (d, d)), ("kfac_out", lambda d, k: (k, k))),
 }
+LAYER_FIELDS = ("weight", "bias", "transposed", "in_features", "out_features", "tokens")
 
 
 def kind_of(metadata: Mapping[str, str]) -> str:
@@ -42,6 +45,80 @@ def kind_of(metadata: Mapping[str, str]) -> str:
     if kind is not None:
         return kind
     return "masks" if metadata.get("mode") == "masks" else "fisher"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A linear layer as a statistics file describes it (nn.Linear: weight [k, d]; HF Conv1D: [d, k]).
+    `tokens` (rows counted) differs between the files of two models and takes no part in equality."""
+
+    module: str
+    weight: str
+    bias: Optional[str]
+    transposed: bool
+    in_features: int
+    out_features: int
+    tokens: Optional[float] = field(default=None, compare=False, repr=False)
+
+    @property
+    def d_aug(self) -> int:
+        """Columns of X = [W | b]: inputs, plus one for the bias."""
+        return self.in_features + (self.bias is not None)
+
+    @property
+    def weight_shape(self) -> Tuple[int, int]:
+        k, d = self.out_features, self.in_features
+        return (d, k) if self.transposed else (k, d)
+
+    def tensor_shapes(self, kind: str) -> Dict[str, Tuple[int, ...]]:
+        """Suffix -> shape of this layer's tensors in a statistics file of `kind`."""
+        return {suffix: shape_of(self.d_aug, self.out_features) for suffix, shape_of in LAYER_TENSORS[kind]}
+
+    def describe(self) -> str:
+        return (f"a layer with {self.in_features} inputs{' + 1 for the bias' if self.bias is not None else ''} "
+                f"and {self.out_features} outputs")
+
+
+def parse_layers(metadata: Mapping[str, str], kind: str, where: str, keys: Iterable[str],
+                 shape: Callable[[str], Tuple[int, ...]]) -> Dict[str, LayerInfo]:
+    """The `layers` metadata of a gram / kfac file, checked against the file's tensors (names `keys`, shapes by
+    `shape(name)`): every layer's tensors present and shaped for it, no tensor outside a layer. Errors
+    (CheckpointError, a ValueError) name `where` (the file), the layer and what was expected."""
+    try:
+        raw = json.loads(metadata["layers"])
+    except KeyError:
+        raise CheckpointError(f"{where}: {kind} statistics need a `layers` metadata entry") from None
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: `layers` metadata is not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: `layers` metadata must be a JSON object of module name -> layer, "
+                              f"got {type(raw).__name__}")
+    keys = set(keys)
+    layers: Dict[str, LayerInfo] = {}
+    for m, info in raw.items():
+        try:
+            if not isinstance(info["transposed"], bool):
+                raise TypeError
+            layer = LayerInfo(m, str(info["weight"]), None if info.get("bias") is None else str(info["bias"]),
+                              info["transposed"], int(info["in_features"]), int(info["out_features"]),
+                              float(info["tokens"]))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{where}: layer {m!r}: `layers` entry needs {', '.join(LAYER_FIELDS)} "
+                                  f"(transposed true / false, sizes integers); got {info!r}") from None
+        for suffix, want in layer.tensor_shapes(kind).items():
+            key = f"{m}.{suffix}"
+            if key not in keys:
+                raise CheckpointError(f"{where}: layer {m!r} has no tensor {key!r}")
+            got = tuple(shape(key))
+            if got != want:
+                raise CheckpointError(f"{where}: layer {m!r}: tensor {key!r} has shape {got}, expected {want} for "
+                                      f"{layer.describe()}")
+            keys.discard(key)
+        layers[m] = layer
+    if keys:
+        raise CheckpointError(f"{where}: tensors {sorted(keys)[:5]} belong to no layer of the `layers` metadata "
+                              f"(expected only {', '.join('<module>.' + s for s, _ in LAYER_TENSORS[kind])})")
+    return layers
 
 
 @dataclass
@@ -126,39 +203,7 @@ def check(stats: Statistics, where: str) -> None:
         if t.dtype != torch.float32:
             raise ValueError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected float32")
     if kind in LAYER_KINDS:
-        _check_layers(stats, kind, where)
-
-
-def _check_layers(stats: Statistics, kind: str, where: str) -> None:
-    try:
-        layers = json.loads(stats.metadata["layers"])
-    except KeyError:
-        raise ValueError(f"{where}: {kind} statistics need a `layers` metadata entry") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: `layers` metadata is not valid JSON ({exc.msg})") from None
-    if not isinstance(layers, dict):
-        raise ValueError(f"{where}: `layers` metadata must be a JSON object of module name -> layer")
-    expected = set()
-    for m, info in layers.items():
-        try:
-            d = int(info["in_features"]) + (info.get("bias") is not None)
-            k = int(info["out_features"])
-            info["weight"], info["transposed"], info["tokens"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{where}: layer {m!r}: `layers` entry needs weight, bias, transposed, in_features, "
-                             f"out_features, tokens; got {info!r}") from None
-        for suffix, shape_of in LAYER_TENSORS[kind]:
-            key = m + suffix
-            expected.add(key)
-            t = stats.tensors.get(key)
-            if t is None:
-                raise ValueError(f"{where}: layer {m!r} has no tensor {key!r}")
-            if tuple(t.shape) != shape_of(d, k):
-                raise ValueError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape_of(d, k)} "
-                                 f"(in_features {info['in_features']}{' + 1 for the bias' if info.get('bias') else ''}, out_features {k})")
-    extra = sorted(set(stats.tensors) - expected)
-    if extra:
-        raise ValueError(f"{where}: tensors {extra[:5]} belong to no layer of the `layers` metadata")
+        parse_layers(meta, kind, where, stats.tensors.keys(), lambda key: stats.tensors[key].shape)
 
 
 def save(path: Union[str, os.PathLike], stats: Statistics, *, overwrite: bool = False) -> Path:
