@@ -63,19 +63,15 @@ template <> inline f16_t from_f<f16_t>(float x) {
 
 // ---- vectorised fp16 / bf16 <-> fp32 (AVX2 / AVX-512 builds) ------------------------------------------
 // fp16 goes through F16C's vcvtph2ps / vcvtps2ph (exact, round to nearest even: the same bits as the scalar
-// code above, which GCC cannot vectorise well: ~15 integer ops per element). On AVX-512 the element-wise kernels
-// have explicit 16-lane loops for fp16 (Direct); on AVX2 they stage fp16 inputs through small fp32 buffers
-// converted this way (kSub elements at a time, in L1) and run their fp32 loops on them (Staged). bf16 stays inline
-// (a widening load and a shift; rounding back is a few integer ops): AVX512_BF16's vcvtneps2bf16 flushes subnormal
-// results to zero, which torch does not, so only DARE uses it, with an exact fallback (dare_steps_bf16_native).
-template <typename P> struct Staged { static constexpr bool value = false; };
+// code above, which GCC cannot vectorise well: ~15 integer ops per element). The element-wise kernels have explicit
+// vector loops for fp16 (Direct: 16 lanes on AVX-512, 8 on AVX2); the scalar loops take the tails. bf16 stays with
+// the compiler's vectorisation (a widening load and a shift; rounding back is a few integer ops): AVX512_BF16's
+// vcvtneps2bf16 flushes subnormal results to zero, which torch does not, so only DARE uses it, with an exact
+// fallback (dare_steps_bf16_native).
 template <typename P> struct Direct { static constexpr bool value = false; };
-#if defined(PYMERGE_AVX512)
-template <> struct Direct<f16_t> { static constexpr bool value = true; };  // explicit 16-lane loops (load16 / store16)
-#elif defined(PYMERGE_AVX2)
-template <> struct Staged<f16_t> { static constexpr bool value = true; };
+#if defined(PYMERGE_AVX512) || defined(PYMERGE_AVX2)
+template <> struct Direct<f16_t> { static constexpr bool value = true; };  // explicit vector loops (vload / vstore)
 #endif
-constexpr int64_t kSub = 256;  // staging sub-block: 1 KiB per fp32 buffer
 
 #if defined(PYMERGE_AVX512)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -100,19 +96,58 @@ inline void store16(f16_t* p, __m512 x) {
 }
 #endif
 
-// fp32 copies of src[0, len) into dst, and back; only fp16 (Staged or Direct) uses these.
-inline void load_block(const f16_t* src, int64_t len, float* dst) {
-  int64_t e = 0;
-#if defined(PYMERGE_AVX512)
-  for (; e + 16 <= len; e += 16) _mm512_storeu_ps(dst + e, load16(src + e));
-#elif defined(PYMERGE_AVX2)
-  for (; e + 8 <= len; e += 8)
-    _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
-#endif
-  for (; e < len; ++e) dst[e] = to_f(src[e]);
+#if defined(PYMERGE_AVX2)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16_t* p) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
-inline void load_block(const float*, int64_t, float*) {}  // never called: fp32 is not staged
-inline void load_block(const bf16_t*, int64_t, float*) {}
+inline __m256 load8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8(bf16_t* p, __m256 x) {  // as from_f<bf16_t>: round to nearest even, NaN -> 0x7fc0
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  const __m256i h = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);  // 8 words in the low half
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline void store8(f16_t* p, __m256 x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+// The explicit fp16 loops (Direct) over one vector type: 16 lanes on AVX-512, 8 on AVX2.
+#if defined(PYMERGE_AVX512)
+#define PYMERGE_VEC 1
+using vf = __m512;
+constexpr int64_t kW = 16;
+template <typename T> inline vf vload(const T* p) { return load16(p); }
+template <typename T> inline void vstore(T* p, vf x) { store16(p, x); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline __mmask16 vgt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }  // false for NaN, as a > b
+inline vf vselect(__mmask16 m, vf yes, vf no) { return _mm512_mask_blend_ps(m, no, yes); }
+#elif defined(PYMERGE_AVX2)
+#define PYMERGE_VEC 1
+using vf = __m256;
+constexpr int64_t kW = 8;
+template <typename T> inline vf vload(const T* p) { return load8(p); }
+template <typename T> inline void vstore(T* p, vf x) { store8(p, x); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vgt(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+inline vf vselect(vf m, vf yes, vf no) { return _mm256_blendv_ps(no, yes, m); }
+#endif
+
+// fp32 values back to fp16 (the Direct loops' finishing pass of weighted_sum with M > 4).
 inline void store_block(f16_t* dst, const float* src, int64_t len) {
   int64_t e = 0;
 #if defined(PYMERGE_AVX512)
@@ -140,36 +175,24 @@ enum Init { kFromAcc, kZero, kFromBase };
 // directly (o, already offset by b0) and the accumulators are never touched: no second pass over the block.
 template <int G, Init I, bool OUT, typename P>
 inline void ws_group(const P* const* x, const float* w, const P* base, int64_t b0, int64_t len, float* acc, P* o) {
-  if constexpr (Staged<P>::value) {  // fp16 on AVX2: convert kSub elements at a time, run the fp32 loop
-    alignas(64) float s[G + 1][kSub];
-    for (int64_t s0 = 0; s0 < len; s0 += kSub) {
-      const int64_t sl = min64(kSub, len - s0);
-      const float* sp[4];
-      for (int g = 0; g < G; ++g) { load_block(x[g] + b0 + s0, sl, s[g]); sp[g] = s[g]; }
-      if constexpr (I == kFromBase) load_block(base + b0 + s0, sl, s[G]);
-      ws_group<G, I, false, float>(sp, w, s[G], 0, sl, acc + s0, nullptr);
-      if constexpr (OUT) store_block(o + s0, acc + s0, sl);
-    }
-    return;
-  }
   const P* x0 = x[0] + b0; const P* x1 = x[G > 1 ? 1 : 0] + b0;
   const P* x2 = x[G > 2 ? 2 : 0] + b0; const P* x3 = x[G > 3 ? 3 : 0] + b0;
   const float w0 = w[0], w1 = G > 1 ? w[1] : 0.f, w2 = G > 2 ? w[2] : 0.f, w3 = G > 3 ? w[3] : 0.f;
   const P* bp = base ? base + b0 : nullptr;
   int64_t e0 = 0;
-#if defined(PYMERGE_AVX512)
-  if constexpr (Direct<P>::value) {  // 16 lanes at a time; the scalar loop below takes the tail
-    const __m512 v0 = _mm512_set1_ps(w0), v1 = _mm512_set1_ps(w1), v2 = _mm512_set1_ps(w2), v3 = _mm512_set1_ps(w3);
-    for (; e0 + 16 <= len; e0 += 16) {
-      __m512 a = _mm512_setzero_ps();
-      if constexpr (I == kFromAcc) a = _mm512_loadu_ps(acc + e0);
-      if constexpr (I == kFromBase) a = load16(bp + e0);
-      a = _mm512_fmadd_ps(v0, load16(x0 + e0), a);
-      if constexpr (G > 1) a = _mm512_fmadd_ps(v1, load16(x1 + e0), a);
-      if constexpr (G > 2) a = _mm512_fmadd_ps(v2, load16(x2 + e0), a);
-      if constexpr (G > 3) a = _mm512_fmadd_ps(v3, load16(x3 + e0), a);
-      if constexpr (OUT) store16(o + e0, a);
-      else _mm512_storeu_ps(acc + e0, a);
+#if defined(PYMERGE_VEC)
+  if constexpr (Direct<P>::value) {  // kW lanes at a time; the scalar loop below takes the tail
+    const vf v0 = vset1(w0), v1 = vset1(w1), v2 = vset1(w2), v3 = vset1(w3);
+    for (; e0 + kW <= len; e0 += kW) {
+      vf a = vset1(0.f);
+      if constexpr (I == kFromAcc) a = vload(acc + e0);
+      if constexpr (I == kFromBase) a = vload(bp + e0);
+      a = vfmadd(v0, vload(x0 + e0), a);
+      if constexpr (G > 1) a = vfmadd(v1, vload(x1 + e0), a);
+      if constexpr (G > 2) a = vfmadd(v2, vload(x2 + e0), a);
+      if constexpr (G > 3) a = vfmadd(v3, vload(x3 + e0), a);
+      if constexpr (OUT) vstore(o + e0, a);
+      else vstore(acc + e0, a);
     }
   }
 #endif
@@ -217,7 +240,7 @@ void weighted_sum_chunk(const void* args, int64_t lo, int64_t hi) {
       else if (base) ws_any<kFromBase, false>(g, x + i, a.w + i, base, b0, len, acc, o);
       else ws_any<kZero, false>(g, x + i, a.w + i, base, b0, len, acc, o);
     }
-    if constexpr (Staged<P>::value || Direct<P>::value) {
+    if constexpr (Direct<P>::value) {
       store_block(o, acc, len);
     } else {
 #pragma omp simd
@@ -230,48 +253,32 @@ void weighted_sum_chunk(const void* args, int64_t lo, int64_t hi) {
 template <int G, bool FIRST, bool AVG, typename P, typename F>
 inline void fisher_group(const P* const* x, const F* const* f, const float* w, int64_t b0, int64_t len, float* num,
                          float* den, float* wp) {
-  if constexpr (Staged<P>::value || Staged<F>::value) {  // fp16 on AVX2: the fp32 loop on converted copies
-    alignas(64) float sx[Staged<P>::value ? G : 1][kSub], sf[Staged<F>::value ? G : 1][kSub];
-    for (int64_t s0 = 0; s0 < len; s0 += kSub) {
-      const int64_t sl = min64(kSub, len - s0);
-      const float* px[4];
-      const float* pf[4];
-      for (int g = 0; g < G; ++g) {
-        if constexpr (Staged<P>::value) { load_block(x[g] + b0 + s0, sl, sx[g]); px[g] = sx[g]; }
-        else px[g] = reinterpret_cast<const float*>(x[g]) + b0 + s0;
-        if constexpr (Staged<F>::value) { load_block(f[g] + b0 + s0, sl, sf[g]); pf[g] = sf[g]; }
-        else pf[g] = reinterpret_cast<const float*>(f[g]) + b0 + s0;
-      }
-      fisher_group<G, FIRST, AVG, float, float>(px, pf, w, 0, sl, num + s0, den + s0, wp + s0);
-    }
-    return;
-  }
   const P* x0 = x[0] + b0; const P* x1 = x[G > 1 ? 1 : 0] + b0;
   const P* x2 = x[G > 2 ? 2 : 0] + b0; const P* x3 = x[G > 3 ? 3 : 0] + b0;
   const F* f0 = f[0] + b0; const F* f1 = f[G > 1 ? 1 : 0] + b0;
   const F* f2 = f[G > 2 ? 2 : 0] + b0; const F* f3 = f[G > 3 ? 3 : 0] + b0;
   const float w0 = w[0], w1 = G > 1 ? w[1] : 0.f, w2 = G > 2 ? w[2] : 0.f, w3 = G > 3 ? w[3] : 0.f;
   int64_t e0 = 0;
-#if defined(PYMERGE_AVX512)
-  if constexpr (Direct<P>::value) {  // 16 lanes at a time; the scalar loop below takes the tail
-    const __m512 v0 = _mm512_set1_ps(w0), v1 = _mm512_set1_ps(w1), v2 = _mm512_set1_ps(w2), v3 = _mm512_set1_ps(w3);
-    for (; e0 + 16 <= len; e0 += 16) {
-      __m512 n = _mm512_setzero_ps(), d = _mm512_setzero_ps(), p = _mm512_setzero_ps();
-      if constexpr (!FIRST) { n = _mm512_loadu_ps(num + e0); d = _mm512_loadu_ps(den + e0); }
-      if constexpr (!FIRST && AVG) p = _mm512_loadu_ps(wp + e0);
-      auto step = [&](const P* xg, const F* fg, __m512 wg) {
-        const __m512 xv = load16(xg + e0), wf = _mm512_mul_ps(wg, load16(fg + e0));
-        n = _mm512_fmadd_ps(wf, xv, n);
-        d = _mm512_add_ps(d, wf);
-        if constexpr (AVG) p = _mm512_fmadd_ps(wg, xv, p);
+#if defined(PYMERGE_VEC)
+  if constexpr (Direct<P>::value) {  // kW lanes at a time; the scalar loop below takes the tail
+    const vf v0 = vset1(w0), v1 = vset1(w1), v2 = vset1(w2), v3 = vset1(w3);
+    for (; e0 + kW <= len; e0 += kW) {
+      vf n = vset1(0.f), d = vset1(0.f), p = vset1(0.f);
+      if constexpr (!FIRST) { n = vload(num + e0); d = vload(den + e0); }
+      if constexpr (!FIRST && AVG) p = vload(wp + e0);
+      auto step = [&](const P* xg, const F* fg, vf wg) {
+        const vf xv = vload(xg + e0), wf = vmul(wg, vload(fg + e0));
+        n = vfmadd(wf, xv, n);
+        d = vadd(d, wf);
+        if constexpr (AVG) p = vfmadd(wg, xv, p);
       };
       step(x0, f0, v0);
       if constexpr (G > 1) step(x1, f1, v1);
       if constexpr (G > 2) step(x2, f2, v2);
       if constexpr (G > 3) step(x3, f3, v3);
-      _mm512_storeu_ps(num + e0, n);
-      _mm512_storeu_ps(den + e0, d);
-      if constexpr (AVG) _mm512_storeu_ps(wp + e0, p);
+      vstore(num + e0, n);
+      vstore(den + e0, d);
+      if constexpr (AVG) vstore(wp + e0, p);
     }
   }
 #endif
@@ -330,27 +337,21 @@ void fisher_blocks(const pymerge::cpu::FisherArgs& a, int64_t lo, int64_t hi) {
     }
     P* o = out + b0;
     int64_t e0 = 0;
-#if defined(PYMERGE_AVX512)
-    if constexpr (Direct<P>::value) {  // pymerge::fisher_finish, 16 lanes at a time; the loops below take the tail
-      const __m512 veps = _mm512_set1_ps(eps), vwsum = _mm512_set1_ps(wsum), one = _mm512_set1_ps(1.f);
+#if defined(PYMERGE_VEC)
+    if constexpr (Direct<P>::value) {  // pymerge::fisher_finish, kW lanes at a time; the loops below take the tail
+      const vf veps = vset1(eps), vwsum = vset1(wsum), one = vset1(1.f);
       const P* x0 = x[0] + b0;
-      for (; e0 + 16 <= len; e0 += 16) {
-        const __m512 d = _mm512_loadu_ps(den + e0);
-        const __mmask16 use = _mm512_cmp_ps_mask(d, veps, _CMP_GT_OQ);
-        const __m512 q = _mm512_div_ps(_mm512_loadu_ps(num + e0), _mm512_mask_blend_ps(use, one, d));
-        const __m512 fb = AVG ? _mm512_div_ps(_mm512_loadu_ps(wp + e0), vwsum) : load16(x0 + e0);
-        store16(o + e0, _mm512_mask_blend_ps(use, fb, q));
+      for (; e0 + kW <= len; e0 += kW) {
+        const vf d = vload(den + e0);
+        const auto use = vgt(d, veps);
+        const vf q = vdiv(vload(num + e0), vselect(use, d, one));
+        const vf fb = AVG ? vdiv(vload(wp + e0), vwsum) : vload(x0 + e0);
+        vstore(o + e0, vselect(use, q, fb));
       }
     }
 #endif
     if (e0 == len) continue;
-    if constexpr (Staged<P>::value) {  // finish in fp32 (into num), then one vectorised conversion
-      if constexpr (!AVG) load_block(x[0] + b0, len, wp);  // the fallback value: θ_0 (wp is free without AVG)
-#pragma omp simd
-      for (int64_t e = 0; e < len; ++e)
-        num[e] = pymerge::fisher_finish(num[e], den[e], eps, AVG ? wp[e] / wsum : wp[e]);
-      store_block(o, num, len);
-    } else if constexpr (AVG) {
+    if constexpr (AVG) {
 #pragma omp simd
       for (int64_t e = e0; e < len; ++e) o[e] = from_f<P>(pymerge::fisher_finish(num[e], den[e], eps, wp[e] / wsum));
     } else {
@@ -372,49 +373,33 @@ void fisher_merge_chunk(const void* args, int64_t lo, int64_t hi) {
 template <int G, bool FIRST, typename P, typename F>
 inline void df_group(const P* const* t, const F* const* f, const float* lam, int64_t b0, int64_t len, float* num,
                      float* den, float* plain) {
-  if constexpr (Staged<P>::value || Staged<F>::value) {  // fp16 on AVX2: the fp32 loop on converted copies
-    alignas(64) float st[Staged<P>::value ? G : 1][kSub], sf[Staged<F>::value ? G : 1][kSub];
-    for (int64_t s0 = 0; s0 < len; s0 += kSub) {
-      const int64_t sl = min64(kSub, len - s0);
-      const float* pt[4];
-      const float* pf[4];
-      for (int g = 0; g < G; ++g) {
-        if constexpr (Staged<P>::value) { load_block(t[g] + b0 + s0, sl, st[g]); pt[g] = st[g]; }
-        else pt[g] = reinterpret_cast<const float*>(t[g]) + b0 + s0;
-        if constexpr (Staged<F>::value) { load_block(f[g] + b0 + s0, sl, sf[g]); pf[g] = sf[g]; }
-        else pf[g] = reinterpret_cast<const float*>(f[g]) + b0 + s0;
-      }
-      df_group<G, FIRST, float, float>(pt, pf, lam, 0, sl, num + s0, den + s0, plain + s0);
-    }
-    return;
-  }
   const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
   const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
   const F* f0 = f[0] + b0; const F* f1 = f[G > 1 ? 1 : 0] + b0;
   const F* f2 = f[G > 2 ? 2 : 0] + b0; const F* f3 = f[G > 3 ? 3 : 0] + b0;
   const float l0 = lam[0], l1 = G > 1 ? lam[1] : 0.f, l2 = G > 2 ? lam[2] : 0.f, l3 = G > 3 ? lam[3] : 0.f;
   int64_t e0 = 0;
-#if defined(PYMERGE_AVX512)
-  if constexpr (Direct<P>::value) {  // 16 lanes at a time; the scalar loop below takes the tail
-    const __m512 v0 = _mm512_set1_ps(l0), v1 = _mm512_set1_ps(l1), v2 = _mm512_set1_ps(l2), v3 = _mm512_set1_ps(l3);
-    for (; e0 + 16 <= len; e0 += 16) {
-      __m512 n = _mm512_setzero_ps(), d = _mm512_setzero_ps(), p = _mm512_setzero_ps();
+#if defined(PYMERGE_VEC)
+  if constexpr (Direct<P>::value) {  // kW lanes at a time; the scalar loop below takes the tail
+    const vf v0 = vset1(l0), v1 = vset1(l1), v2 = vset1(l2), v3 = vset1(l3);
+    for (; e0 + kW <= len; e0 += kW) {
+      vf n = vset1(0.f), d = vset1(0.f), p = vset1(0.f);
       if constexpr (!FIRST) {
-        n = _mm512_loadu_ps(num + e0); d = _mm512_loadu_ps(den + e0); p = _mm512_loadu_ps(plain + e0);
+        n = vload(num + e0); d = vload(den + e0); p = vload(plain + e0);
       }
-      auto step = [&](const P* tg, const F* fg, __m512 lg) {
-        const __m512 lt = _mm512_mul_ps(lg, load16(tg + e0)), ff = load16(fg + e0);
-        n = _mm512_fmadd_ps(ff, lt, n);
-        d = _mm512_add_ps(d, ff);
-        p = _mm512_add_ps(p, lt);
+      auto step = [&](const P* tg, const F* fg, vf lg) {
+        const vf lt = vmul(lg, vload(tg + e0)), ff = vload(fg + e0);
+        n = vfmadd(ff, lt, n);
+        d = vadd(d, ff);
+        p = vadd(p, lt);
       };
       step(t0, f0, v0);
       if constexpr (G > 1) step(t1, f1, v1);
       if constexpr (G > 2) step(t2, f2, v2);
       if constexpr (G > 3) step(t3, f3, v3);
-      _mm512_storeu_ps(num + e0, n);
-      _mm512_storeu_ps(den + e0, d);
-      _mm512_storeu_ps(plain + e0, p);
+      vstore(num + e0, n);
+      vstore(den + e0, d);
+      vstore(plain + e0, p);
     }
   }
 #endif
@@ -471,30 +456,22 @@ void dfmerge_combine_chunk(const void* args, int64_t lo, int64_t hi) {
     const P* pr = pre + b0;
     P* o = out + b0;
     int64_t e0 = 0;
-#if defined(PYMERGE_AVX512)
-    if constexpr (Direct<P>::value) {  // pymerge::dfmerge_finish, 16 lanes at a time; the loop below takes the tail
-      const __m512 veps = _mm512_set1_ps(eps), vm = _mm512_set1_ps(mf), one = _mm512_set1_ps(1.f);
-      for (; e0 + 16 <= len; e0 += 16) {
-        const __m512 d = _mm512_loadu_ps(den + e0);
-        const __mmask16 use = _mm512_cmp_ps_mask(d, veps, _CMP_GT_OQ);
-        const __m512 q = _mm512_div_ps(_mm512_mul_ps(vm, _mm512_loadu_ps(num + e0)), _mm512_mask_blend_ps(use, one, d));
-        const __m512 delta = _mm512_mask_blend_ps(use, _mm512_loadu_ps(plain + e0), q);
-        store16(o + e0, _mm512_add_ps(load16(pr + e0), delta));
+#if defined(PYMERGE_VEC)
+    if constexpr (Direct<P>::value) {  // pymerge::dfmerge_finish, kW lanes at a time; the loop below takes the tail
+      const vf veps = vset1(eps), vm = vset1(mf), one = vset1(1.f);
+      for (; e0 + kW <= len; e0 += kW) {
+        const vf d = vload(den + e0);
+        const auto use = vgt(d, veps);
+        const vf q = vdiv(vmul(vm, vload(num + e0)), vselect(use, d, one));
+        const vf delta = vselect(use, q, vload(plain + e0));
+        vstore(o + e0, vadd(vload(pr + e0), delta));
       }
     }
 #endif
     if (e0 == len) continue;
-    if constexpr (Staged<P>::value) {  // finish in fp32 (into num), then one vectorised conversion
-      alignas(64) float spre[kBlock];
-      load_block(pr, len, spre);
 #pragma omp simd
-      for (int64_t e = 0; e < len; ++e) num[e] = pymerge::dfmerge_finish(spre[e], num[e], den[e], plain[e], mf, eps);
-      store_block(o, num, len);
-    } else {
-#pragma omp simd
-      for (int64_t e = e0; e < len; ++e)
-        o[e] = from_f<P>(pymerge::dfmerge_finish(to_f(pr[e]), num[e], den[e], plain[e], mf, eps));
-    }
+    for (int64_t e = e0; e < len; ++e)
+      o[e] = from_f<P>(pymerge::dfmerge_finish(to_f(pr[e]), num[e], den[e], plain[e], mf, eps));
   }
 }
 
@@ -735,25 +712,6 @@ inline __m256i dare_keep4(__m256i z, __m256i thr_m1) {
   z = mul64c(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), c1l, c1h);
   z = mul64c(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), c2l, c2h);
   return _mm256_cmpgt_epi64(_mm256_srli_epi64(z, 40), thr_m1);
-}
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16_t* p) {
-  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-}
-inline __m256 load8(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
-inline void store8(bf16_t* p, __m256 x) {  // as from_f<bf16_t>: round to nearest even, NaN -> 0x7fc0
-  const __m256i u = _mm256_castps_si256(x);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  const __m256i h = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);  // 8 words in the low half
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-inline void store8(f16_t* p, __m256 x) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 #endif
 
