@@ -1,7 +1,7 @@
 // CPU glue of the fused merge ops: argument checks, outputs, parallel chunks, and the choice of kernels.
 // The kernels themselves (csrc/cpu/merge_kernels.h) are compiled for the base instruction set, AVX2 and
-// AVX-512; the best one the running CPU supports is used (PYMERGE_CPU_ISA=base|avx2|avx512|avx512bf16 caps the choice,
-// which the tests use to check every compiled variant against the references). Each reads every input element
+// AVX-512; the best one the running CPU supports is used (PYMERGE_CPU_ISA=base|avx2|avx512|avx512bf16 caps the
+// choice, which the tests use to check every compiled variant against the references). Each reads every input element
 // once and writes the output once; TIES adds one selection pass per task vector.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
