@@ -14,8 +14,11 @@ TORCH_LIBRARY(pymerge, m) {
   m.def("weighted_sum_out(Tensor[] tensors, float[]? weights, Tensor? base, Tensor(a!) out) -> ()");
   m.def("fisher_merge_out(Tensor[] params, Tensor[] fishers, float[]? weights, float eps, str fallback, Tensor(a!) out) -> ()");
   m.def("dfmerge_combine_out(Tensor pretrained, Tensor[] task_vectors, Tensor[] fishers, float[] lambdas, float eps, Tensor(a!) out) -> ()");
-  // TIES: trim to top-density magnitudes, elect sign by mass, disjoint mean, scale by lam.
-  m.def("ties_merge(Tensor pretrained, Tensor[] task_vectors, float density, float lam) -> Tensor");
+  // TIES: trim to top-density magnitudes, elect sign by mass, disjoint mean, scale by lam. models: the list holds
+  // fine-tuned tensors and the op forms task_vectors[i] - pretrained on the fly; check_finite: an error naming the
+  // first input with a NaN or Inf ("ties_merge: models[2] contains NaN or Inf"), found in the passes the op makes.
+  m.def("ties_merge(Tensor pretrained, Tensor[] task_vectors, float density, float lam, bool models=False, "
+        "bool check_finite=False) -> Tensor");
   // DARE: drop with probability p, rescale by 1/(1-p); counter-based RNG, same mask on every device.
   m.def("dare(Tensor task_vector, float p, int seed) -> Tensor");
   // fisher += sum_n w_n (Z_n^T G_n)^2 for Z [N,T,d], G [N,T,k], fisher [d,k] (fp32).

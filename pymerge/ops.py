@@ -8,6 +8,7 @@ dtype, contiguous, with the params' shape; non-contiguous inputs are accepted. M
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal, Optional, Sequence
 
 import numpy as np
@@ -300,7 +301,41 @@ def ties_keep_count(n: int, density: float) -> int:
     return max(1, math.ceil(density * n))
 
 
-def ties_merge_reference(pretrained, task_vectors, density, lam):
+class NonFiniteInputError(ValueError):
+    """An op's input holds NaN or Inf (check_finite=True): `arg` names the argument ("models", "task_vectors",
+    "pretrained") and `index` the position in a list argument (None for a single tensor)."""
+
+    def __init__(self, arg: str, index: Optional[int] = None):
+        self.arg, self.index = arg, index
+        label = arg if index is None else f"{arg}[{index}]"
+        super().__init__(f"{label}: contains NaN or Inf (check_finite=True)")
+
+
+_NONFINITE_MESSAGE = re.compile(r"ties_merge: (models|task_vectors|pretrained)(?:\[(\d+)\])? contains NaN or Inf")
+
+
+def check_inputs_finite(pretrained, tensors, list_name: str = "models") -> None:
+    """Raise NonFiniteInputError for the first of tensors[0..M-1], then pretrained, holding a NaN or Inf (one
+    reduction per tensor, no temporaries). The same order and naming as the compiled ties_merge's check."""
+    for i, t in enumerate(tensors):
+        if not _all_finite(t):
+            raise NonFiniteInputError(list_name, i)
+    if pretrained is not None and not _all_finite(pretrained):
+        raise NonFiniteInputError("pretrained")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return float(lo) > -math.inf and float(hi) < math.inf  # NaN fails both comparisons
+
+
+def ties_merge_reference(pretrained, task_vectors, density, lam, models=False, check_finite=False):
+    if check_finite:
+        check_inputs_finite(pretrained, task_vectors, "models" if models else "task_vectors")
+    if models:  # τ_i = θ_i - θ_pre in the storage dtype (torch rounds the difference as the kernels do)
+        task_vectors = [t - pretrained for t in task_vectors]
     n = pretrained.numel()
     if n == 0:
         return pretrained.clone()
@@ -316,11 +351,11 @@ def ties_merge_reference(pretrained, task_vectors, density, lam):
     total = torch.zeros_like(trimmed[0])
     for t in trimmed:
         total += t
-    sign = torch.sign(total)
     acc = torch.zeros_like(total)
     cnt = torch.zeros_like(total)
     for t in trimmed:
-        agree = (t != 0) & (torch.sign(t) == sign)
+        # non-zero with the sign of total; a NaN total elects no sign (torch.sign(nan) would be 0: NaN agreed)
+        agree = ((total > 0) & (t > 0)) | ((total < 0) & (t < 0))
         acc += torch.where(agree, t, torch.zeros_like(t))
         cnt += agree.float()
     mean = torch.where(cnt > 0, acc / cnt.clamp(min=1), torch.zeros_like(acc))
@@ -328,24 +363,38 @@ def ties_merge_reference(pretrained, task_vectors, density, lam):
 
 
 def ties_merge(pretrained: torch.Tensor, task_vectors: Sequence[torch.Tensor], density: float,
-               lam: float) -> torch.Tensor:
+               lam: float, *, models: bool = False, check_finite: bool = False) -> torch.Tensor:
     """TIES-merging of one tensor: θ_pre + lam · disjoint_mean(trim(τ_i)).
 
     Trim: keep the entries of τ_i with |τ_i| >= its k-th largest magnitude, k = max(1, ceil(density · n))
     (found by selection, not a sort; ties at the threshold are all kept). Elect: s = sign(Σ_i trimmed τ_i).
     Disjoint mean: mean over the models whose trimmed entry is non-zero with sign s (0 where there is none).
+
+    models=True: the list holds the fine-tuned tensors θ_i and τ_i = θ_i - pretrained is formed inside the op
+    (rounded to the dtype as torch's subtraction rounds: the same result as passing the task vectors, without
+    the M temporaries). check_finite=True: NonFiniteInputError names the first input holding NaN or Inf (the
+    list in order, then pretrained); the compiled op finds them in passes it makes anyway.
     """
+    list_name = "models" if models else "task_vectors"
     _check_tensor("pretrained", pretrained)
-    _check_list("task_vectors", task_vectors, ref=pretrained, ref_name="pretrained")
+    _check_list(list_name, task_vectors, ref=pretrained, ref_name="pretrained")
     density = float(density)
     if not (0.0 < density <= 1.0):
         raise ValueError(f"density: expected a value in (0, 1], got {density}")
     lam = float(lam)
     if not math.isfinite(lam):
         raise ValueError(f"lam: expected a finite number, got {lam}")
+    models, check_finite = bool(models), bool(check_finite)
     if _use_kernel("ties_merge", pretrained):
-        return torch.ops.pymerge.ties_merge(pretrained, list(task_vectors), density, lam)
-    return ties_merge_reference(pretrained, task_vectors, density, lam)
+        try:
+            return torch.ops.pymerge.ties_merge(pretrained, list(task_vectors), density, lam, models, check_finite)
+        except ValueError as err:
+            found = _NONFINITE_MESSAGE.search(str(err)) if check_finite else None
+            if found is None:
+                raise
+            index = found.group(2)
+            raise NonFiniteInputError(found.group(1), None if index is None else int(index)) from None
+    return ties_merge_reference(pretrained, task_vectors, density, lam, models, check_finite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +489,7 @@ if _HAS_EXT:
         return None
 
     @torch.library.register_fake("pymerge::ties_merge")
-    def _ties_merge_fake(pretrained, task_vectors, density, lam):
+    def _ties_merge_fake(pretrained, task_vectors, density, lam, models=False, check_finite=False):
         return _fake_like(pretrained)
 
     @torch.library.register_fake("pymerge::dare")

@@ -476,28 +476,22 @@ void dfmerge_combine_chunk(const void* args, int64_t lo, int64_t hi) {
 }
 
 // ---- ties_merge: elect sign and disjoint mean of the trimmed values (thresholds given) ---------------
-// Trim on the integer magnitude key (the same test as ties_trim: |t| >= threshold, NaN kept), which vectorises
-// as two integer ops; sign election and the disjoint mean as in merge_math.h, models up to four at a time.
+// The list holds task vectors τ_i, or fine-tuned models θ_i (MODELS): then τ_i = θ_i - θ_pre is formed on the fly,
+// rounded to the storage type exactly as torch's own subtraction rounds, so both forms give the same bits.
+// Trim on the integer magnitude key (the same test as ties_trim: |τ| >= threshold, NaN kept), which vectorises
+// as two integer ops; sign election and the disjoint mean as in merge_math.h.
+template <bool MODELS, typename P>
+inline float tau_of(P t, float pre) {
+  if constexpr (MODELS) return to_f(from_f<P>(to_f(t) - pre));
+  else return to_f(t);
+}
+
 inline float trim_key(float x, uint32_t thr_key) {
   const uint32_t a = f_bits(x) & 0x7fffffffu;
   return (a > 0x7f800000u ? 0x7f800000u : a) >= thr_key ? x : 0.f;
 }
 
-template <int G, bool FIRST, typename P>
-inline void ties_total(const P* const* t, const uint32_t* thr, int64_t b0, int64_t len, float* total) {
-  const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
-  const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
-  const uint32_t k0 = thr[0], k1 = G > 1 ? thr[1] : 0, k2 = G > 2 ? thr[2] : 0, k3 = G > 3 ? thr[3] : 0;
-#pragma omp simd
-  for (int64_t e = 0; e < len; ++e) {
-    float s = FIRST ? 0.f : total[e];
-    s += trim_key(to_f(t0[e]), k0);
-    if constexpr (G > 1) s += trim_key(to_f(t1[e]), k1);
-    if constexpr (G > 2) s += trim_key(to_f(t2[e]), k2);
-    if constexpr (G > 3) s += trim_key(to_f(t3[e]), k3);
-    total[e] = s;
-  }
-}
+inline uint32_t nonfinite(float x) { return (f_bits(x) & 0x7fffffffu) >= 0x7f800000u ? 1u : 0u; }
 
 inline void agree_add(float total, float v, float& a, float& c) {
   const bool agree = pymerge::ties_agrees(total, v);
@@ -505,123 +499,205 @@ inline void agree_add(float total, float v, float& a, float& c) {
   c += agree ? 1.f : 0.f;
 }
 
-template <int G, bool FIRST, typename P>
-inline void ties_agree(const P* const* t, const uint32_t* thr, int64_t b0, int64_t len, const float* total,
-                       float* acc, float* cnt) {
+// Blocks of kBlock elements with fp32 accumulators, models four at a time: one pass converts, trims and sums
+// (the elected sign's total) and keeps the trimmed values in fp32 (in L1 / L2), one pass over those sums and
+// counts the agreeing ones. (A single per-element pass with every model's value in registers did not vectorise
+// with GCC 12: it stayed scalar and ran 2x slower.)
+template <int G, bool FIRST, bool MODELS, typename P>
+inline void ties_total(const P* const* t, const uint32_t* thr, const float* pf, int64_t b0, int64_t len, float* total,
+                       float* tr) {
   const P* t0 = t[0] + b0; const P* t1 = t[G > 1 ? 1 : 0] + b0;
   const P* t2 = t[G > 2 ? 2 : 0] + b0; const P* t3 = t[G > 3 ? 3 : 0] + b0;
   const uint32_t k0 = thr[0], k1 = G > 1 ? thr[1] : 0, k2 = G > 2 ? thr[2] : 0, k3 = G > 3 ? thr[3] : 0;
+  float* r0 = tr; float* r1 = tr + (G > 1 ? kBlock : 0); float* r2 = tr + (G > 2 ? 2 * kBlock : 0);
+  float* r3 = tr + (G > 3 ? 3 * kBlock : 0);
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    float s = FIRST ? 0.f : total[e];
+    const float p = pf[e];
+    const float v0 = trim_key(tau_of<MODELS>(t0[e], p), k0);
+    r0[e] = v0; s += v0;
+    if constexpr (G > 1) { const float v = trim_key(tau_of<MODELS>(t1[e], p), k1); r1[e] = v; s += v; }
+    if constexpr (G > 2) { const float v = trim_key(tau_of<MODELS>(t2[e], p), k2); r2[e] = v; s += v; }
+    if constexpr (G > 3) { const float v = trim_key(tau_of<MODELS>(t3[e], p), k3); r3[e] = v; s += v; }
+    total[e] = s;
+  }
+}
+
+template <int G, bool FIRST>
+inline void ties_agree(const float* tr, int64_t len, const float* total, float* acc, float* cnt) {
+  const float* r0 = tr; const float* r1 = tr + (G > 1 ? kBlock : 0); const float* r2 = tr + (G > 2 ? 2 * kBlock : 0);
+  const float* r3 = tr + (G > 3 ? 3 * kBlock : 0);
 #pragma omp simd
   for (int64_t e = 0; e < len; ++e) {
     float a = FIRST ? 0.f : acc[e], c = FIRST ? 0.f : cnt[e];
     const float s = total[e];
-    agree_add(s, trim_key(to_f(t0[e]), k0), a, c);
-    if constexpr (G > 1) agree_add(s, trim_key(to_f(t1[e]), k1), a, c);
-    if constexpr (G > 2) agree_add(s, trim_key(to_f(t2[e]), k2), a, c);
-    if constexpr (G > 3) agree_add(s, trim_key(to_f(t3[e]), k3), a, c);
+    agree_add(s, r0[e], a, c);
+    if constexpr (G > 1) agree_add(s, r1[e], a, c);
+    if constexpr (G > 2) agree_add(s, r2[e], a, c);
+    if constexpr (G > 3) agree_add(s, r3[e], a, c);
     acc[e] = a; cnt[e] = c;
   }
 }
 
-template <bool FIRST, typename P>
-inline void ties_total_any(int g, const P* const* t, const uint32_t* thr, int64_t b0, int64_t len, float* total) {
+template <bool FIRST, bool MODELS, typename P>
+inline void ties_total_any(int g, const P* const* t, const uint32_t* thr, const float* pf, int64_t b0, int64_t len,
+                           float* total, float* tr) {
   switch (g) {
-    case 4: ties_total<4, FIRST>(t, thr, b0, len, total); break;
-    case 3: ties_total<3, FIRST>(t, thr, b0, len, total); break;
-    case 2: ties_total<2, FIRST>(t, thr, b0, len, total); break;
-    default: ties_total<1, FIRST>(t, thr, b0, len, total); break;
+    case 4: ties_total<4, FIRST, MODELS>(t, thr, pf, b0, len, total, tr); break;
+    case 3: ties_total<3, FIRST, MODELS>(t, thr, pf, b0, len, total, tr); break;
+    case 2: ties_total<2, FIRST, MODELS>(t, thr, pf, b0, len, total, tr); break;
+    default: ties_total<1, FIRST, MODELS>(t, thr, pf, b0, len, total, tr); break;
   }
 }
 
-template <bool FIRST, typename P>
-inline void ties_agree_any(int g, const P* const* t, const uint32_t* thr, int64_t b0, int64_t len,
-                           const float* total, float* acc, float* cnt) {
+template <bool FIRST>
+inline void ties_agree_any(int g, const float* tr, int64_t len, const float* total, float* acc, float* cnt) {
   switch (g) {
-    case 4: ties_agree<4, FIRST>(t, thr, b0, len, total, acc, cnt); break;
-    case 3: ties_agree<3, FIRST>(t, thr, b0, len, total, acc, cnt); break;
-    case 2: ties_agree<2, FIRST>(t, thr, b0, len, total, acc, cnt); break;
-    default: ties_agree<1, FIRST>(t, thr, b0, len, total, acc, cnt); break;
+    case 4: ties_agree<4, FIRST>(tr, len, total, acc, cnt); break;
+    case 3: ties_agree<3, FIRST>(tr, len, total, acc, cnt); break;
+    case 2: ties_agree<2, FIRST>(tr, len, total, acc, cnt); break;
+    default: ties_agree<1, FIRST>(tr, len, total, acc, cnt); break;
   }
+}
+
+template <bool MODELS, typename P>
+void ties_blocks(const P* const* tp, const P* pre, int m, const uint32_t* thr, float lam, P* out, int64_t lo,
+                 int64_t hi, uint32_t& bad) {
+  // trimmed values of every model for one block: 16 KiB at M = 4 (L1), 64 KiB at most
+  alignas(64) float pf[kBlock], total[kBlock], acc[kBlock], cnt[kBlock], tr[pymerge::kMaxModels * kBlock];
+  uint32_t b = 0;
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t len = min64(kBlock, hi - b0);
+    const P* pr = pre + b0;
+#pragma omp simd reduction(| : b)
+    for (int64_t e = 0; e < len; ++e) {
+      pf[e] = to_f(pr[e]);
+      b |= nonfinite(pf[e]);
+    }
+    for (int i = 0; i < m; i += 4) {
+      const int g = m - i < 4 ? m - i : 4;
+      if (i == 0) ties_total_any<true, MODELS>(g, tp, thr, pf, b0, len, total, tr);
+      else ties_total_any<false, MODELS>(g, tp + i, thr + i, pf, b0, len, total, tr + i * kBlock);
+    }
+    for (int i = 0; i < m; i += 4) {
+      const int g = m - i < 4 ? m - i : 4;
+      if (i == 0) ties_agree_any<true>(g, tr, len, total, acc, cnt);
+      else ties_agree_any<false>(g, tr + i * kBlock, len, total, acc, cnt);
+    }
+    P* o = out + b0;
+#pragma omp simd
+    for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(pf[e] + lam * pymerge::ties_mean(acc[e], cnt[e]));
+  }
+  bad |= b;
+}
+
+template <bool MODELS, typename P>
+void ties_merge_form(const pymerge::cpu::TiesArgs& a, int64_t lo, int64_t hi) {
+  const P* const* tp = reinterpret_cast<const P* const*>(a.t);
+  const P* pre = static_cast<const P*>(a.pre);
+  P* out = static_cast<P*>(a.out);
+  uint32_t thr[pymerge::kMaxModels];
+  for (int i = 0; i < a.m; ++i) thr[i] = f_bits(a.thr[i]);
+  uint32_t bad = 0;
+  ties_blocks<MODELS>(tp, pre, a.m, thr, a.lam, out, lo, hi, bad);
+  if (bad && a.check) __atomic_store_n(a.pre_nonfinite, 1, __ATOMIC_RELAXED);
 }
 
 template <typename P>
 void ties_merge_chunk(const void* args, int64_t lo, int64_t hi) {
   const auto& a = *static_cast<const pymerge::cpu::TiesArgs*>(args);
-  const P* const* tp = reinterpret_cast<const P* const*>(a.t);
-  const P* pre = static_cast<const P*>(a.pre);
-  P* out = static_cast<P*>(a.out);
-  const float lam = a.lam;
-  uint32_t thr[pymerge::kMaxModels];
-  for (int i = 0; i < a.m; ++i) thr[i] = f_bits(a.thr[i]);
-  alignas(64) float total[kBlock], acc[kBlock], cnt[kBlock];
-  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
-    const int64_t len = min64(kBlock, hi - b0);
-    for (int i = 0; i < a.m; i += 4) {
-      const int g = a.m - i < 4 ? a.m - i : 4;
-      if (i == 0) ties_total_any<true>(g, tp, thr, b0, len, total);
-      else ties_total_any<false>(g, tp + i, thr + i, b0, len, total);
-    }
-    for (int i = 0; i < a.m; i += 4) {
-      const int g = a.m - i < 4 ? a.m - i : 4;
-      if (i == 0) ties_agree_any<true>(g, tp, thr, b0, len, total, acc, cnt);
-      else ties_agree_any<false>(g, tp + i, thr + i, b0, len, total, acc, cnt);
-    }
-    const P* pr = pre + b0;
-    P* o = out + b0;
-#pragma omp simd
-    for (int64_t e = 0; e < len; ++e) o[e] = from_f<P>(to_f(pr[e]) + lam * pymerge::ties_mean(acc[e], cnt[e]));
-  }
+  if (a.models) ties_merge_form<true, P>(a, lo, hi);
+  else ties_merge_form<false, P>(a, lo, hi);
 }
 
 // ---- TIES selection helpers ------------------------------------------------------------------------
-template <typename P>
-void ties_keys(const void* tv, int64_t start, int64_t stride, int64_t count, uint32_t* keys) {
-  const P* t = static_cast<const P*>(tv);
-  for (int64_t j = 0; j < count; ++j) keys[j] = magnitude_key(t[start + j * stride]);
+// Magnitude key of τ at e: of t[e], or (MODELS) of t[e] - pre[e] rounded to the storage type.
+template <bool MODELS, typename P>
+inline uint32_t tau_key(const P* t, const P* pre, int64_t e) {
+  if constexpr (MODELS) return magnitude_key(from_f<P>(to_f(t[e]) - to_f(pre[e])));
+  else return magnitude_key(t[e]);
+}
+
+template <bool MODELS, typename P>
+void ties_keys_form(const P* t, const P* pre, int64_t start, int64_t stride, int64_t count, uint32_t* keys) {
+  for (int64_t j = 0; j < count; ++j) keys[j] = tau_key<MODELS>(t, pre, start + j * stride);
 }
 
 template <typename P>
-void ties_hist(const void* tv, int64_t lo, int64_t hi, int pass, uint32_t high, uint32_t* h) {
+void ties_keys(const void* tv, const void* pv, int64_t start, int64_t stride, int64_t count, uint32_t* keys) {
   const P* t = static_cast<const P*>(tv);
+  const P* pre = static_cast<const P*>(pv);
+  if (pre) ties_keys_form<true>(t, pre, start, stride, count, keys);
+  else ties_keys_form<false>(t, pre, start, stride, count, keys);
+}
+
+template <bool MODELS, typename P>
+void ties_hist_form(const P* t, const P* pre, int64_t lo, int64_t hi, int pass, uint32_t high, uint32_t* h) {
   if (pass == 0) {
-    for (int64_t e = lo; e < hi; ++e) ++h[magnitude_key(t[e]) >> 16];
+    for (int64_t e = lo; e < hi; ++e) ++h[tau_key<MODELS>(t, pre, e) >> 16];
   } else {
     for (int64_t e = lo; e < hi; ++e) {
-      const uint32_t key = magnitude_key(t[e]);
+      const uint32_t key = tau_key<MODELS>(t, pre, e);
       if ((key >> 16) == high) ++h[key & 0xffffu];
     }
   }
 }
 
+template <typename P>
+void ties_hist(const void* tv, const void* pv, int64_t lo, int64_t hi, int pass, uint32_t high, uint32_t* h) {
+  const P* t = static_cast<const P*>(tv);
+  const P* pre = static_cast<const P*>(pv);
+  if (pre) ties_hist_form<true>(t, pre, lo, hi, pass, high, h);
+  else ties_hist_form<false>(t, pre, lo, hi, pass, high, h);
+}
+
 #if defined(PYMERGE_AVX512)
 // 16 magnitude keys at once (AVX-512): the band pass below compresses the in-band keys with vpcompressd.
-inline __m512i keys16(const float* p) {
-  const __m512i u = _mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(0x7fffffff));
-  return _mm512_min_epu32(u, _mm512_set1_epi32(0x7f800000));
+inline __m512i key_of_bits(__m512i u) {
+  return _mm512_min_epu32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
 }
-inline __m512i keys16(const bf16_t* p) {
+inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const bf16_t* p) {
   const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512i u = _mm512_slli_epi32(_mm512_and_si512(h, _mm512_set1_epi32(0x7fff)), 16);
-  return _mm512_min_epu32(u, _mm512_set1_epi32(0x7f800000));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
 }
-inline __m512i keys16(const f16_t* p) {
-  const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512i u = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
-  return _mm512_min_epu32(u, _mm512_set1_epi32(0x7f800000));
+inline __m512 load16f(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// keys of 16 values d (fp32) after rounding them to the storage type P, as from_f<P> rounds (nearest even)
+inline __m512i keys16_rounded(__m512 d, float*) { return key_of_bits(_mm512_castps_si512(d)); }
+inline __m512i keys16_rounded(__m512 d, bf16_t*) {
+  const __m512i a = _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7fffffff));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(a, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(0x7fff)), lsb);
+  // NaN (a > 0x7f800000) can only round to >= 0x7f800000 here, so the clamp maps it to the key of +inf
+  return key_of_bits(_mm512_slli_epi32(_mm512_srli_epi32(r, 16), 16));
+}
+inline __m512i keys16_rounded(__m512 d, f16_t*) {
+  const __m256i h = _mm512_cvtps_ph(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return key_of_bits(_mm512_castps_si512(_mm512_cvtph_ps(h)));
+}
+template <bool MODELS, typename P>
+inline __m512i keys16(const P* t, const P* pre, int64_t e) {
+  if constexpr (MODELS) return keys16_rounded(_mm512_sub_ps(load16f(t + e), load16f(pre + e)), static_cast<P*>(nullptr));
+  else return key_of_bits(_mm512_castps_si512(load16f(t + e)));  // conversions to fp32 are exact
 }
 #endif
 
-template <typename P>
-pymerge::cpu::BandResult ties_band(const void* tv, int64_t lo, int64_t hi, uint32_t klo, uint32_t khi, uint32_t* cand,
-                                   int64_t cap) {
-  const P* t = static_cast<const P*>(tv);
-  int64_t above = 0, in_band = 0, stored = 0;
+template <bool MODELS, typename P>
+pymerge::cpu::BandResult ties_band_form(const P* t, const P* pre, int64_t lo, int64_t hi, uint32_t klo, uint32_t khi,
+                                        uint32_t* cand, int64_t cap) {
+  int64_t above = 0, in_band = 0, stored = 0, bad = 0;
   int64_t e = lo;
 #if defined(PYMERGE_AVX512)
   const __m512i vlo = _mm512_set1_epi32(static_cast<int>(klo)), vhi = _mm512_set1_epi32(static_cast<int>(khi));
+  const __m512i one = _mm512_set1_epi32(1);
+  // per-lane counters (a masked add per 16 keys, no scalar popcount chain) and the largest key (the key of NaN /
+  // Inf is the largest possible): summed once at the end; a lane counts at most 2^32 - 1 keys (n < 2^36)
+  __m512i above16 = _mm512_setzero_si512(), kmax = _mm512_setzero_si512();
   for (; e + 16 <= hi; e += 16) {
-    const __m512i k = keys16(t + e);
-    above += __builtin_popcount(_mm512_cmpgt_epu32_mask(k, vhi));
+    const __m512i k = keys16<MODELS>(t, pre, e);
+    above16 = _mm512_mask_add_epi32(above16, _mm512_cmpgt_epu32_mask(k, vhi), above16, one);
+    kmax = _mm512_max_epu32(kmax, k);
     const __mmask16 in = _mm512_cmpge_epu32_mask(k, vlo) & _mm512_cmple_epu32_mask(k, vhi);
     if (in) {
       const int c = __builtin_popcount(in);
@@ -632,16 +708,30 @@ pymerge::cpu::BandResult ties_band(const void* tv, int64_t lo, int64_t hi, uint3
       }
     }
   }
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, above16);
+  for (int j = 0; j < 16; ++j) above += lanes[j];
+  bad += _mm512_reduce_max_epu32(kmax) == 0x7f800000u;
 #endif
   for (; e < hi; ++e) {
-    const uint32_t k = magnitude_key(t[e]);
+    const uint32_t k = tau_key<MODELS>(t, pre, e);
     above += k > khi;
+    bad += k == 0x7f800000u;
     const bool in = (k >= klo) & (k <= khi);
     in_band += in;
     cand[stored] = k;
     stored += in & (stored < cap);
   }
-  return {above, in_band, stored < in_band ? stored : in_band};
+  return {above, in_band, stored < in_band ? stored : in_band, bad};
+}
+
+template <typename P>
+pymerge::cpu::BandResult ties_band(const void* tv, const void* pv, int64_t lo, int64_t hi, uint32_t klo, uint32_t khi,
+                                   uint32_t* cand, int64_t cap) {
+  const P* t = static_cast<const P*>(tv);
+  const P* pre = static_cast<const P*>(pv);
+  if (pre) return ties_band_form<true>(t, pre, lo, hi, klo, khi, cand, cap);
+  return ties_band_form<false>(t, pre, lo, hi, klo, khi, cand, cap);
 }
 
 // ---- dare: drop with probability p (counter-based hash of (seed, index)), rescale by 1/(1-p) ----------

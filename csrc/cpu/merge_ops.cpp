@@ -13,6 +13,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -165,10 +166,33 @@ at::Tensor dfmerge_combine_impl(const at::Tensor& pretrained, at::TensorList tas
 // ---- ties_merge: trim (selection), elect sign, disjoint mean ---------------------------------------
 inline float bits_f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 
+constexpr uint32_t kInfKey = 0x7f800000u;  // magnitude key of +-inf and NaN
+
+// f(i) for i in [0, count) on torch's intra-op threads, handed out one at a time (dynamic), not split into one
+// contiguous share per thread as at::parallel_for does: on a shared machine (or beside the engine's reader
+// thread) a descheduled thread's share is then taken over by the others instead of being waited for.
+// Tensors under kTiesSerialBelow elements run on the calling thread alone: there a parallel region's start,
+// barriers and the other threads' spinning cost more than the second core gives (and the engine's reader thread
+// has a core to itself meanwhile).
+constexpr int64_t kTiesSerialBelow = int64_t{1} << 20;
+
+template <typename F>
+void ties_parallel(int64_t count, int64_t n, const F& f) {
+#ifdef _OPENMP
+  const int nt = at::get_num_threads();
+  if (count > 1 && nt > 1 && n >= kTiesSerialBelow && !at::in_parallel_region()) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < count; ++i) f(i);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < count; ++i) f(i);
+}
+
 // The k-th largest magnitude key by an exact two-pass radix select over 16-bit digits (the fallback of the
 // sampled selection below): histogram the keys' high 16 bits, find the bin holding the k-th largest, then
 // histogram the low 16 bits of the keys in that bin. Chunks count into their own histograms in parallel.
-uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, int64_t n, int64_t k) {
+uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, const void* pre, int64_t n, int64_t k) {
   constexpr int64_t kBins = int64_t{1} << 16;
   int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
   chunks = std::max<int64_t>(chunks, (n >> 31) + 1);  // uint32 counts per chunk
@@ -179,7 +203,7 @@ uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, int64_
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t lo = n / chunks * c + std::min(c, n % chunks);
         const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
-        kt.ties_hist[dt](t, lo, hi, pass, high, hist.data() + c * kBins);
+        kt.ties_hist[dt](t, pre, lo, hi, pass, high, hist.data() + c * kBins);
       }
     });
   };
@@ -202,62 +226,154 @@ uint32_t kth_key_radix(const cpu::KernelTable& kt, int dt, const void* t, int64_
   return (high << 16) | low;
 }
 
-// The k-th largest (1-based) of keys, in place.
-uint32_t kth_largest_of(std::vector<uint32_t>& keys, int64_t k) {
-  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint32_t>());
+// The k-th largest (1-based) of keys[0, len), in place.
+uint32_t kth_largest_of(uint32_t* keys, int64_t len, int64_t k) {
+  std::nth_element(keys, keys + (k - 1), keys + len, std::greater<uint32_t>());
   return keys[k - 1];
 }
 
-// The k-th largest magnitude key of t by sampling: a strided sample of kSample keys brackets the k-th largest
+// The k-th largest of the keys in parts[j][0, lens[j]) (all in [klo, khi], multiples of 2^shift: bf16 keys have
+// 16 zero low bits, fp16 keys 13). When that range holds few possible values (quantised data, such as bf16 task
+// vectors, put many keys on each), they are counted in place (four interleaved histograms, so equal neighbours do
+// not wait on each other's increments); otherwise they are gathered and selected.
+uint32_t kth_largest_in_band(const std::vector<uint32_t*>& parts, const std::vector<int64_t>& lens, int64_t k,
+                             uint32_t klo, uint32_t khi, int shift) {
+  int64_t len = 0;
+  for (int64_t l : lens) len += l;
+  const uint32_t bins = ((khi - klo) >> shift) + 1;
+  if (bins > (1u << 16) || static_cast<int64_t>(bins) * 4 > len) {
+    uint32_t* at = parts[0];
+    for (size_t j = 0; j < parts.size(); ++j) {
+      if (parts[j] != at) std::memmove(at, parts[j], static_cast<size_t>(lens[j]) * sizeof(uint32_t));
+      at += lens[j];
+    }
+    return kth_largest_of(parts[0], len, k);
+  }
+  std::vector<int64_t> count(4 * static_cast<size_t>(bins), 0);
+  for (size_t j = 0; j < parts.size(); ++j) {
+    const uint32_t* p = parts[j];
+    const int64_t l = lens[j];
+    int64_t e = 0;
+    for (; e + 4 <= l; e += 4) {
+      ++count[(p[e] - klo) >> shift];
+      ++count[bins + ((p[e + 1] - klo) >> shift)];
+      ++count[2 * bins + ((p[e + 2] - klo) >> shift)];
+      ++count[3 * bins + ((p[e + 3] - klo) >> shift)];
+    }
+    for (; e < l; ++e) ++count[(p[e] - klo) >> shift];
+  }
+  for (int64_t b = bins - 1; b >= 0; --b) {
+    const int64_t c = count[b] + count[bins + b] + count[2 * bins + b] + count[3 * bins + b];
+    if (c >= k) return klo + (static_cast<uint32_t>(b) << shift);
+    k -= c;
+  }
+  return klo;
+}
+
+// The thresholds (k-th largest magnitude keys) of every task vector, and whether any value was NaN / Inf.
+//
+// Small tensors: all keys, one selection. Larger ones: a strided sample of kSample keys brackets the k-th largest
 // in a narrow band [klo, khi] (±~5 standard deviations of the sample quantile); one vectorised pass counts the
 // keys above the band and keeps those inside it (about 2% of the tensor), and a selection among those gives the
 // exact answer. If the band missed (it cannot for all but adversarial layouts), the exact radix select runs.
-// Cost: one read of t plus a sample, instead of two full histogram passes with scattered increments.
-uint32_t kth_key(const cpu::KernelTable& kt, int dt, const void* t, int64_t n, int64_t k) {
+// One parallel pass over element chunks serves up to kGroup models (in the model form the chunk of pre is then
+// read once and kept in cache); the per-model steps (sample, selection among the candidates) are serial.
+// With pre (the model form) the keys are those of τ_i = t_i - pre, rounded to the storage type.
+bool ties_thresholds(const cpu::KernelTable& kt, int dt, const std::vector<const void*>& tp, const void* pre,
+                     int64_t n, int64_t k, uint32_t* thr) {
   constexpr int64_t kSample = 1 << 15;
+  constexpr int kGroup = 4;
+  const int m = static_cast<int>(tp.size());
+  std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
   if (n <= 4 * kSample) {
-    std::vector<uint32_t> keys(static_cast<size_t>(n));
-    kt.ties_keys[dt](t, 0, 1, n, keys.data());
-    return kth_largest_of(keys, k);
+    std::unique_ptr<uint32_t[]> keys(new uint32_t[static_cast<size_t>(n)]);
+    for (int i = 0; i < m; ++i) {
+      kt.ties_keys[dt](tp[i], pre, 0, 1, n, keys.get());
+      bad[i] = std::find(keys.get(), keys.get() + n, kInfKey) != keys.get() + n;
+      thr[i] = kth_largest_of(keys.get(), n, k);
+    }
+    return std::find(bad.begin(), bad.end(), 1) != bad.end();
   }
   const int64_t stride = n / kSample;
-  std::vector<uint32_t> sample(static_cast<size_t>(kSample));
-  kt.ties_keys[dt](t, stride / 2, stride, kSample, sample.data());
   const double r = static_cast<double>(k) * kSample / static_cast<double>(n);  // expected rank in the sample
   const double half = 5.0 * std::sqrt(r * (1.0 - r / kSample) + 1.0) + 8.0;
   const int64_t r_hi = static_cast<int64_t>(std::floor(r - half)), r_lo = static_cast<int64_t>(std::ceil(r + half));
-  const uint32_t khi = r_hi < 1 ? std::numeric_limits<uint32_t>::max() : kth_largest_of(sample, r_hi);
-  const uint32_t klo = r_lo > kSample ? 0u : kth_largest_of(sample, r_lo);
-  // Parallel chunks, each with its own candidate buffer (capacity: 4x the expected band, at least 4096).
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), n / kGrain));
+  std::vector<uint32_t> klo(static_cast<size_t>(m)), khi(static_cast<size_t>(m));
+  std::vector<uint32_t> sample(static_cast<size_t>(kSample));
+  for (int i = 0; i < m; ++i) {
+    kt.ties_keys[dt](tp[i], pre, stride / 2, stride, kSample, sample.data());
+    khi[i] = r_hi < 1 ? std::numeric_limits<uint32_t>::max() : kth_largest_of(sample.data(), kSample, r_hi);
+    klo[i] = r_lo > kSample ? 0u : kth_largest_of(sample.data(), kSample, r_lo);
+  }
+  // Element chunks, each with its own candidate buffer per model: room for 8x the expected band (quantised values,
+  // such as bf16 task vectors, put several times more keys in the band than the sample predicts; beyond that the
+  // radix select runs). Left uninitialised, so only the pages the candidates fill are ever touched. Very large
+  // tensors take one model per pass, so the buffers' address space stays below the tensor's own size.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64 * at::get_num_threads(), n / kGrain));
   const double band_frac = static_cast<double>(r_lo - r_hi) / kSample;
-  const int64_t cap = static_cast<int64_t>(4.0 * band_frac * static_cast<double>(n) / chunks) + 4096;
-  std::vector<uint32_t> cand(static_cast<size_t>(chunks * (cap + 64)));
-  std::vector<cpu::BandResult> res(static_cast<size_t>(chunks));
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+  const int64_t cap = std::min<int64_t>(n / chunks + 1, static_cast<int64_t>(8.0 * band_frac * (n / chunks)) + 4096);
+  const int64_t slot = cap + 64;
+  const int group = n > (int64_t{1} << 27) ? 1 : std::min(m, kGroup);
+  const int shift = dt == cpu::kBF16 ? 16 : dt == cpu::kF16 ? 13 : 0;  // zero low bits of every key
+  std::unique_ptr<uint32_t[]> cand(new uint32_t[static_cast<size_t>(group * chunks * slot)]);
+  std::vector<cpu::BandResult> res(static_cast<size_t>(group * chunks));
+  std::vector<int> radix;  // models whose band missed
+  for (int g0 = 0; g0 < m; g0 += group) {
+    const int g = std::min(group, m - g0);
+    ties_parallel(chunks, n, [&](int64_t c) {
       const int64_t lo = n / chunks * c + std::min(c, n % chunks);
       const int64_t hi = lo + n / chunks + (c < n % chunks ? 1 : 0);
-      res[c] = kt.ties_band[dt](t, lo, hi, klo, khi, cand.data() + c * (cap + 64), cap);
+      for (int j = 0; j < g; ++j)
+        res[j * chunks + c] = kt.ties_band[dt](tp[g0 + j], pre, lo, hi, klo[g0 + j], khi[g0 + j],
+                                               cand.get() + (j * chunks + c) * slot, cap);
+    });
+    std::vector<uint8_t> miss(static_cast<size_t>(g), 0);
+    {  // serial: on this small, shared machine a parallel region per step cost more in spinning than it saved
+      for (int64_t j = 0; j < g; ++j) {
+        const int i = g0 + static_cast<int>(j);
+        int64_t above = 0, in_band = 0, stored = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const auto& x = res[j * chunks + c];
+          above += x.above; in_band += x.in_band; stored += x.stored; bad[i] |= x.nonfinite > 0;
+        }
+        const bool bracketed = above < k && above + in_band >= k;
+        if (bracketed && klo[i] == khi[i]) {  // one value fills the band (quantised task vectors): the answer
+          thr[i] = klo[i];
+          continue;
+        }
+        if (!bracketed || stored != in_band) {
+          miss[j] = 1;
+          continue;
+        }
+        // Select among the chunks' candidates (counted in place, or gathered at the front of the buffer).
+        std::vector<uint32_t*> parts;
+        std::vector<int64_t> lens;
+        for (int64_t c = 0; c < chunks; ++c) {
+          parts.push_back(cand.get() + (j * chunks + c) * slot);
+          lens.push_back(res[j * chunks + c].stored);
+        }
+        thr[i] = kth_largest_in_band(parts, lens, k - above, klo[i], khi[i], shift);
+      }
     }
-  });
-  int64_t above = 0, in_band = 0, stored = 0;
-  for (const auto& x : res) { above += x.above; in_band += x.in_band; stored += x.stored; }
-  const bool bracketed = above < k && above + in_band >= k;
-  if (bracketed && klo == khi) return klo;  // one value fills the band (quantised task vectors): it is the answer
-  if (!bracketed || stored != in_band) return kth_key_radix(kt, dt, t, n, k);
-  // Gather the chunks' candidates at the front and select among them.
-  int64_t at = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const uint32_t* src = cand.data() + c * (cap + 64);
-    std::copy(src, src + res[c].stored, cand.begin() + at);
-    at += res[c].stored;
+    for (int j = 0; j < g; ++j)
+      if (miss[j]) radix.push_back(g0 + j);
   }
-  cand.resize(static_cast<size_t>(at));
-  return kth_largest_of(cand, k - above);
+  for (int i : radix) thr[i] = kth_key_radix(kt, dt, tp[i], pre, n, k);
+  return std::find(bad.begin(), bad.end(), 1) != bad.end();
 }
 
-at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
+// check_finite: names the first input holding a NaN or Inf (the list in order, then pretrained), as the
+// Python wrapper and the engine expect ("ties_merge: models[2] contains NaN or Inf"). Runs only after a pass
+// saw a non-finite value (a model form difference can also overflow to Inf from finite inputs: no error then).
+void ties_raise_nonfinite(const at::Tensor& pre, const std::vector<at::Tensor>& ts, bool models) {
+  for (size_t i = 0; i < ts.size(); ++i)
+    TORCH_CHECK_VALUE(at::isfinite(ts[i]).all().item<bool>(), "ties_merge: ", models ? "models" : "task_vectors",
+                      "[", i, "] contains NaN or Inf");
+  TORCH_CHECK_VALUE(at::isfinite(pre).all().item<bool>(), "ties_merge: pretrained contains NaN or Inf");
+}
+
+at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam,
+                          bool models, bool check_finite) {
   constexpr const char* op = "ties_merge";
   check_ties_merge_args(pretrained, task_vectors, density);
   check_cpu(op, pretrained);
@@ -271,10 +387,17 @@ at::Tensor ties_merge_cpu(const at::Tensor& pretrained, at::TensorList task_vect
   const cpu::KernelTable& kt = kernels();
   const int dt = dtype_index(pre.scalar_type(), op);
   const auto tp = data_ptrs(ts);
+  uint32_t keys[kMaxModels];
+  const bool seen_nonfinite = ties_thresholds(kt, dt, tp, models ? pre.data_ptr() : nullptr, n, k, keys);
+  if (check_finite && seen_nonfinite) ties_raise_nonfinite(pre, ts, models);
   float thr[kMaxModels];
-  for (int i = 0; i < m; ++i) thr[i] = bits_f(kth_key(kt, dt, tp[i], n, k));
-  const cpu::TiesArgs args{pre.data_ptr(), tp.data(), m, thr, static_cast<float>(lam), out.data_ptr()};
-  run_chunks(kt.ties_merge[dt], &args, n);
+  for (int i = 0; i < m; ++i) thr[i] = bits_f(keys[i]);
+  int pre_nonfinite = 0;
+  const cpu::TiesArgs args{pre.data_ptr(), tp.data(), m, thr, static_cast<float>(lam), out.data_ptr(),
+                           models, check_finite, &pre_nonfinite};
+  const int64_t pieces = (n + kGrain - 1) / kGrain;
+  ties_parallel(pieces, n, [&](int64_t c) { kt.ties_merge[dt](&args, c * kGrain, std::min(n, (c + 1) * kGrain)); });
+  if (check_finite && pre_nonfinite) ties_raise_nonfinite(pre, ts, models);
   return out;
 }
 

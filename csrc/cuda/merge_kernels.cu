@@ -88,9 +88,13 @@ __global__ void __launch_bounds__(kThreads) ties_kernel(TiesArgs a) {
   __syncthreads();
   PYMERGE_GRID_STRIDE(e, a.n) {
     float trimmed[kMaxModels];
-#pragma unroll
-    for (int i = 0; i < kMaxModels; ++i) trimmed[i] = i < a.m ? ties_trim(load<P>(a.task_vectors[i], e), thr[i]) : 0.f;
     const float pre = load<P>(a.pretrained, e);
+#pragma unroll
+    for (int i = 0; i < kMaxModels; ++i) {
+      float t = i < a.m ? load<P>(a.task_vectors[i], e) : 0.f;
+      if (a.models) t = to_f(from_f<P>(t - pre));  // as torch rounds θ_i - θ_pre in the storage type
+      trimmed[i] = i < a.m ? ties_trim(t, thr[i]) : 0.f;
+    }
     static_cast<P*>(a.out)[e] = from_f<P>(pre + a.lam * ties_disjoint_mean(trimmed, a.m));
   }
 }

@@ -121,22 +121,30 @@ at::Tensor dfmerge_combine_cuda(const at::Tensor& pretrained, at::TensorList tas
   return out;
 }
 
-at::Tensor ties_merge_cuda(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam) {
+at::Tensor ties_merge_cuda(const at::Tensor& pretrained, at::TensorList task_vectors, double density, double lam,
+                           bool models, bool check_finite) {
   constexpr const char* op = "ties_merge";
   check_ties_merge_args(pretrained, task_vectors, density);
   check_cuda(op, pretrained);
   const c10::cuda::CUDAGuard guard(pretrained.device());
   const at::Tensor pre = pretrained.contiguous();
   const auto ts = contiguous_all(task_vectors);
+  if (check_finite) {  // one reduction per input (the CPU op folds this into its passes); same message
+    for (size_t i = 0; i < ts.size(); ++i)
+      TORCH_CHECK_VALUE(at::isfinite(ts[i]).all().item<bool>(), "ties_merge: ", models ? "models" : "task_vectors",
+                        "[", i, "] contains NaN or Inf");
+    TORCH_CHECK_VALUE(at::isfinite(pre).all().item<bool>(), "ties_merge: pretrained contains NaN or Inf");
+  }
   at::Tensor out = new_output(pre);
   const int64_t n = out.numel();
   if (n == 0) return out;
   const int64_t k = ties_keep_count(n, density);
   // Thresholds by torch's GPU selection (kthvalue: radix select, not a sort), one fp32 magnitude buffer at a
-  // time; NaN magnitudes count as +inf, as on the CPU. They stay on the device: no host sync.
+  // time; NaN magnitudes count as +inf, as on the CPU. They stay on the device: no host sync. In the model form
+  // the magnitudes are those of t_i - pretrained in the storage type (the kernel rounds the same way).
   std::vector<at::Tensor> thr;
   for (const auto& t : ts) {
-    at::Tensor mag = t.reshape({-1}).abs().to(at::kFloat);
+    at::Tensor mag = (models ? (t - pre) : t).reshape({-1}).abs().to(at::kFloat);
     mag = at::nan_to_num(mag, std::numeric_limits<double>::infinity());
     thr.push_back(std::get<0>(at::kthvalue(mag, n - k + 1)));
   }
@@ -150,6 +158,7 @@ at::Tensor ties_merge_cuda(const at::Tensor& pretrained, at::TensorList task_vec
   a.n = n;
   a.lam = static_cast<float>(lam);
   a.dtype = dtype_of(out);
+  a.models = models;
   check_launch(op, cuda::launch_ties_merge(a, c10::cuda::getCurrentCUDAStream()));
   return out;
 }

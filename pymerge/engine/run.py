@@ -17,6 +17,7 @@ from pymerge.io.chunks import row_chunks
 from pymerge.io.errors import CheckpointError
 from pymerge.methods.base import PrepareInputs, TensorInputs, resolve
 from pymerge.methods.layers import LayerInputs
+from pymerge.ops import NonFiniteInputError
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 PREFETCH_BYTES = 512 * 2**20  # read the next tensor ahead only while both fit in this much memory
@@ -36,30 +37,60 @@ def _check_values(t: torch.Tensor, label: str, name: str, fisher: bool = False) 
         raise CheckpointError(f"{label}: Fisher tensor {name!r} has negative values (a Fisher is >= 0)")
 
 
-def _read_model_tensors(plan: MergePlan, e: PlanEntry, rows):
-    """Every model's (and the base model's) tensor `e`, checked and cast to the compute dtype."""
+def _method_checks(plan: MergePlan, t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the method's merge_tensor checks this input for NaN / Inf itself (`MergeMethod.checks_finite`), so
+    reading it needs no check pass of its own. Not when the cast to the compute dtype narrows it: a finite value
+    could overflow to Inf there, and the error must describe the file's values."""
+    widening = t.dtype == dtype or (dtype == torch.float32 and t.dtype in (torch.float16, torch.bfloat16))
+    return plan.config.method.checks_finite and widening
+
+
+def _read_model_tensors(plan: MergePlan, e: PlanEntry, rows, method_checks: bool = False):
+    """Every model's (and the base model's) tensor `e`, checked and cast to the compute dtype. method_checks: the
+    method may check them (see _method_checks); the third result says whether any check was left to it."""
     check = plan.config.check_finite
     dtype = e.compute_dtype or e.dtype
+    left = False
     xs = []
     for m in plan.models:
         t = m.read(e.name, rows)
-        if check:
+        if check and method_checks and _method_checks(plan, t, dtype):
+            left = True
+        elif check:
             _check_values(t, m.label, e.name)
         xs.append(t.to(dtype) if t.dtype != dtype else t)
     base = None
     if plan.config.method.needs_base:
         base = plan.base.read(e.base_name, rows)
-        if check:
+        if check and method_checks and _method_checks(plan, base, dtype):
+            left = True
+        elif check:
             _check_values(base, plan.base.label, e.base_name)
         if base.dtype != dtype:
             base = base.to(dtype)
-    return xs, base
+    return xs, base, left
 
 
-def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[torch.Tensor], dict]:
-    """Read (and check) every input of one tensor or row chunk; runs on the prefetch thread."""
+def _merge_checked(plan: MergePlan, e: PlanEntry, method, inputs: TensorInputs) -> torch.Tensor:
+    """method.merge_tensor; a NaN / Inf its own check found becomes the engine's CheckpointError naming the model
+    (or base model) and tensor, as _check_values words it."""
+    try:
+        return method.merge_tensor(inputs)
+    except NonFiniteInputError as err:
+        if not inputs.check_finite:
+            raise
+        if err.arg == "pretrained":
+            label, name = plan.base.label, e.base_name
+        else:
+            label, name = plan.models[err.index].label, e.name
+        raise CheckpointError(f"{label}: weights tensor {name!r} contains NaN or Inf") from None
+
+
+def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[torch.Tensor], dict, bool]:
+    """Read (and check) every input of one tensor or row chunk; runs on the prefetch thread. The last result:
+    whether the finiteness check of the models / base is left to the method (MergeMethod.checks_finite)."""
     method, check = plan.config.method, plan.config.check_finite
-    xs, base = _read_model_tensors(plan, e, rows)
+    xs, base, left = _read_model_tensors(plan, e, rows, method_checks=True)
     aux = {}
     kinds = {s.param: s.kind for s in plan.side_inputs}
     for p, sources in plan.aux.items():
@@ -78,14 +109,14 @@ def _load_inputs(plan: MergePlan, e: PlanEntry, rows) -> Tuple[list, Optional[to
         if check:
             _check_values(t, src.label, e.name)
         aux[p] = [t.to(e.dtype) if t.dtype != e.dtype else t]
-    return xs, base, aux
+    return xs, base, aux, left
 
 
 def _load_layer(plan: MergePlan, e: PlanEntry, bias: Optional[PlanEntry]):
     """Read one layer: every model's weight and bias, the base model's, and each model's layer statistics."""
     info = e.layer
-    ws, bw = _read_model_tensors(plan, e, None)
-    bs, bb = _read_model_tensors(plan, bias, None) if bias is not None else (None, None)
+    ws, bw, _ = _read_model_tensors(plan, e, None)
+    bs, bb, _ = _read_model_tensors(plan, bias, None) if bias is not None else (None, None, False)
     stats = {p: [s.read_layer(info.module) if s is not None else None for s in sources]
              for p, sources in plan.layer_stats.items()}
     labels = {p: [s.label if s is not None else "-" for s in sources] for p, sources in plan.layer_stats.items()}
@@ -203,9 +234,10 @@ def run_plan(plan: MergePlan, sink, progress: bool, chunk_bytes: Optional[int], 
                     fetch(j)
                     if prefetch and j in next_merge:
                         fetch(next_merge[j])
-                    xs, base, aux = pending.pop(j).result()
+                    xs, base, aux, left = pending.pop(j).result()
                     g, mp = resolved(e.name, e.depth)
-                    out = method.merge_tensor(TensorInputs(e.name, xs, base, g, mp, aux, state, owned=owned))
+                    out = _merge_checked(plan, e, method, TensorInputs(e.name, xs, base, g, mp, aux, state,
+                                                                       owned=owned, check_finite=left))
                     del xs, base, aux
                     sink.main(e.name, out if out.dtype == e.dtype else out.to(e.dtype))
                     del out

@@ -230,6 +230,9 @@ class TensorInputs:
     aux: Dict[str, List[Optional[torch.Tensor]]] = field(default_factory=dict)  # file params, per model
     state: Dict[str, Any] = field(default_factory=dict)  # whatever `prepare` returned
     owned: bool = False  # the engine read `models` fresh from disk: they may be reused in place
+    # Set for methods with `checks_finite`: merge_tensor must check `models` and `base` for NaN / Inf itself
+    # (the engine did not), raising pymerge.ops.NonFiniteInputError ("models", i) or ("pretrained", None).
+    check_finite: bool = False
 
     def per_model(self, key: str) -> List[Any]:
         return [p[key] for p in self.model_params]
@@ -254,6 +257,9 @@ class MergeMethod:
     # Statistics files are computed on each model's own weights (their weights fingerprint is checked against
     # the paired model); False for methods whose statistics come from other points (DF-Merge).
     stats_at_model_weights: bool = True
+    # merge_tensor checks its models and base for NaN / Inf when `inputs.check_finite` is set (in a pass its op
+    # makes anyway), so the engine skips its own check of those tensors (side inputs are still checked).
+    checks_finite: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:

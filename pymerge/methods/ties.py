@@ -18,6 +18,7 @@ class Ties(MergeMethod):
     name = "ties"
     description = "trim, elect sign, disjoint merge of task vectors"
     needs_base = True
+    checks_finite = True
     params = family_params(normalize=True, rescale="none", density=0.2, trim_count="ceil", consensus="sum")
 
     def merge_tensor(self, x):
@@ -26,8 +27,10 @@ class Ties(MergeMethod):
         fused = (all(w == 1.0 for w in weights) and len(set(densities)) == 1 and p["normalize"]
                  and p["consensus"] == "sum" and p["rescale"] == "none")
         density = fused_density(x.base.numel(), densities[0], p["trim_count"]) if fused else None
-        if density is not None:
-            return ops.ties_merge(x.base, x.task_vectors(), density, p["lambda"])
+        if density is not None:  # the op forms τ_i = θ_i - θ_pre itself and checks every input for NaN / Inf
+            return ops.ties_merge(x.base, x.models, density, p["lambda"], models=True, check_finite=x.check_finite)
+        if x.check_finite:
+            ops.check_inputs_finite(x.base, x.models)
         tvs = float_task_vectors(x)
         tvs = [apply_rescale(t, t * magnitude_mask(t, d, p["trim_count"], where=f"ties: tensor {x.name!r}"),
                              p["rescale"], keep_prob=d) for t, d in zip(tvs, densities)]

@@ -60,6 +60,7 @@ struct TiesArgs {
   int m;
   float lam;
   DType dtype;
+  bool models;  // task_vectors hold fine-tuned tensors: tau_i = t_i - pretrained, rounded to the storage type
 };
 
 struct DareArgs {
