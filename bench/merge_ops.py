@@ -1,10 +1,10 @@
 """Benchmark of the fused merge ops against eager torch and the memory-bandwidth ceiling, side by side.
 
-For each device (CPU; CUDA when present), dtype (fp32, bf16), M models and N parameters it times
+For each device (CPU; CUDA when present), dtype (fp32, bf16, fp16), M models and N parameters it times
   fused    pymerge.ops.<op> (one pass: reads every input once, writes the output once)
   eager    the formula a user writes in torch (as FusionBench / MergeLM do), e.g. sum(w*f*p) / sum(w*f)
   copy     the bandwidth ceiling: a torch copy_ into a preallocated tensor moving the same bytes as the op
-           (bytes read + bytes written), measured in the same run
+           (bytes read + bytes written), timed alternately with the fused op (round by round)
   clone    the same bytes copied into a fresh tensor (allocation + first-touch page faults, which every op
            returning a new tensor pays too)
 and prints GB/s (op bytes / time) and the ratios fused/copy (share of the ceiling), fused/clone and
@@ -78,18 +78,36 @@ def eager_dare(t, p, seed):
     return t * keep / (1 - p)
 
 
-def ceiling(nbytes_moved, dtype, device, repeats):
-    """GB/s of torch copy_ moving nbytes_moved bytes (half read, half written) into a preallocated tensor, and of
-    clone() moving the same bytes into a fresh tensor (allocation and first-touch page faults included, as an
-    op that returns a new tensor pays them)."""
+def timeit_interleaved(fns, device, repeats):
+    """Minimum time of each of fns, run alternately round by round: on a shared (loaded) machine every contender
+    sees the same conditions, so their ratios are steadier than with one timing loop after another."""
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for fn in fns:
+        fn()
+    sync()
+    best = [math.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def time_with_ceiling(fused, nbytes_moved, dtype, device, repeats):
+    """The fused op's time, interleaved with the ceiling: GB/s of torch copy_ moving nbytes_moved bytes (half
+    read, half written) into a preallocated tensor, and of clone() moving the same bytes into a fresh tensor
+    (allocation and first-touch page faults included, as an op that returns a new tensor pays them)."""
     elems = max(1, nbytes_moved // 2 // torch.empty((), dtype=dtype).element_size())
     src = torch.ones(elems, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    t_copy = timeit(lambda: dst.copy_(src), device, repeats)
-    del dst
-    t_clone = timeit(lambda: src.clone(), device, repeats)
+    t_fused, t_copy, t_clone = timeit_interleaved([fused, lambda: dst.copy_(src), src.clone], device, repeats)
     moved = 2 * elems * src.element_size()
-    return moved / t_copy / 1e9, moved / t_clone / 1e9
+    return t_fused, (moved / t_copy / 1e9, moved / t_clone / 1e9)
 
 
 def row(op, device, dtype, m, n, fused_t, eager_t, nbytes, ceilings):
@@ -123,12 +141,12 @@ def bench_fisher(device, dtype, m, n, repeats):
     params = [torch.randn(n, generator=g, device=device).to(dtype) for _ in range(m)]
     fishers = [torch.rand(n, generator=g, device=device).to(dtype) for _ in range(m)]
     w = [1.0 / m] * m
-    fused_t = timeit(lambda: ops.fisher_merge(params, fishers, w), device, repeats)
     eager_t = timeit(lambda: eager_fisher(params, fishers, w), device, max(1, repeats // 2))
-    ceilings = ceiling(nbytes, dtype, device, repeats)
+    fused_t, ceilings = time_with_ceiling(lambda: ops.fisher_merge(params, fishers, w), nbytes, dtype, device, repeats)
     row("fisher_merge", device, dtype, m, n, fused_t, eager_t, nbytes, ceilings)
     buf = torch.empty_like(params[0])  # out=: one reused output buffer, no fresh allocation per call
-    out_t = timeit(lambda: ops.fisher_merge(params, fishers, w, out=buf), device, repeats)
+    out_t, ceilings = time_with_ceiling(lambda: ops.fisher_merge(params, fishers, w, out=buf), nbytes, dtype, device,
+                                        repeats)
     row("fisher_merge+out", device, dtype, m, n, out_t, eager_t, nbytes, ceilings)
     del params, fishers, buf
 
@@ -140,19 +158,24 @@ def bench_others(device, dtype, m, n, repeats):
     taus = [torch.randn(n, generator=g, device=device).to(dtype) for _ in range(m)]
     fishers = [torch.rand(n, generator=g, device=device).to(dtype) for _ in range(m)]
     lam = [0.5] * m
+    buf = torch.empty_like(pre)  # out=: one reused output buffer
     cases = [
         ("weighted_sum", (m + 2) * n * es, lambda: ops.weighted_sum(taus, lam, pre),
          lambda: eager_weighted_sum(taus, lam, pre)),
+        ("weighted_sum+out", (m + 2) * n * es, lambda: ops.weighted_sum(taus, lam, pre, out=buf),
+         lambda: eager_weighted_sum(taus, lam, pre)),
         ("dfmerge_combine", (2 * m + 2) * n * es, lambda: ops.dfmerge_combine(pre, taus, fishers, lam),
+         lambda: eager_dfmerge(pre, taus, fishers, lam)),
+        ("dfmerge+out", (2 * m + 2) * n * es, lambda: ops.dfmerge_combine(pre, taus, fishers, lam, out=buf),
          lambda: eager_dfmerge(pre, taus, fishers, lam)),
         ("ties_merge", (m + 2) * n * es, lambda: ops.ties_merge(pre, taus, 0.2, 1.0),
          lambda: eager_ties(pre, taus, 0.2, 1.0)),
         ("dare", 2 * n * es, lambda: ops.dare(taus[0], 0.9, 7), lambda: eager_dare(taus[0], 0.9, 7)),
     ]
     for name, nbytes, fused, eager in cases:
-        fused_t = timeit(fused, device, repeats)
         eager_t = timeit(eager, device, max(1, repeats // 2))
-        row(name, device, dtype, m, n, fused_t, eager_t, nbytes, ceiling(nbytes, dtype, device, repeats))
+        fused_t, ceilings = time_with_ceiling(fused, nbytes, dtype, device, repeats)
+        row(name, device, dtype, m, n, fused_t, eager_t, nbytes, ceilings)
 
 
 def main(argv=None):
@@ -173,10 +196,10 @@ def main(argv=None):
         if device == "cuda":
             print(f"GPU: {torch.cuda.get_device_name()}")
         sizes = args.sizes or ([4] if args.quick else [16, 64, 256])
-        repeats = args.repeats or (3 if args.quick else 5)
+        repeats = args.repeats or (7 if args.quick else 5)
         if device == "cuda":
             repeats *= 4
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for n_m in sizes:
                 for m in args.models:
                     bench_fisher(device, dtype, m, int(n_m * 1e6), repeats)

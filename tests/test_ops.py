@@ -413,11 +413,14 @@ def test_wrappers_compile_with_fullgraph():
     torch.testing.assert_close(compiled(*ps, *fs), ops.fisher_merge([ps[0] * 2, ps[1]], fs, fallback="average") + 1)
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512", "avx512bf16"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_conversions_are_exact_for_every_bit_pattern(dtype):
-    # The CPU kernels convert fp16 / bf16 <-> fp32 with their own branch-free code (so the loops vectorise):
-    # every one of the 65536 values must round-trip (NaN stays NaN), and fp32 results must round to nearest
-    # even exactly as torch does, including overflow to inf and subnormal results.
+def test_half_conversions_are_exact_for_every_bit_pattern(dtype, isa, monkeypatch):
+    # The CPU kernels convert fp16 / bf16 <-> fp32 with their own code (branch-free scalar code the compiler
+    # vectorises; F16C / AVX-512 conversions for fp16 in the wider builds): every one of the 65536 values must
+    # round-trip (NaN stays NaN), and fp32 results must round to nearest even exactly as torch does, including
+    # overflow to inf and subnormal results. Every compiled instruction set, every element-wise op and dare.
+    monkeypatch.setenv("PYMERGE_CPU_ISA", isa)
     allbits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
 
     def same_bits(got, want):
@@ -433,6 +436,11 @@ def test_half_conversions_are_exact_for_every_bit_pattern(dtype):
     b = allbits[ok][torch.randperm(int(ok.sum()), generator=gen)]
     for w in (1.0, 0.3, 1e-3, 7.0):
         same_bits(ops.weighted_sum([a, b], [w, 1.0]), ops.weighted_sum_reference([a, b], [w, 1.0]))
+    ones = torch.ones_like(allbits)  # single roundings only (several products could differ by an FMA contraction)
+    same_bits(ops.fisher_merge([allbits], [ones]), ops.fisher_merge_reference([allbits], [ones]))
+    same_bits(ops.dfmerge_combine(a, [b], [ones[ok]], [0.5]), ops.dfmerge_combine_reference(a, [b], [ones[ok]], [0.5]))
+    for p in (0.0, 0.3):
+        same_bits(ops.dare(allbits, p, 3), ops.dare_reference(allbits, p, 3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,7 +482,7 @@ def test_out_must_match_and_be_contiguous():
 # ------------------------------------------------------------------------------------------------
 # every compiled instruction set (base / AVX2 / AVX-512 kernels, capped by PYMERGE_CPU_ISA) against the references
 # ------------------------------------------------------------------------------------------------
-ISAS = ["base", "avx2", "avx512"]  # a cap above what the CPU has runs the best it has: still a valid check
+ISAS = ["base", "avx2", "avx512", "avx512bf16"]  # a cap above what the CPU has runs the best it has: still a valid check
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -499,6 +507,51 @@ def test_every_instruction_set_matches_the_references(isa, dtype, monkeypatch):
         close(ops.dfmerge_combine(pre, ts, fs, w), ops.dfmerge_combine_reference(pre, ts, fs, w))
         close(ops.ties_merge(pre, ts, 0.3, 0.8), ops.ties_merge_reference(pre, ts, 0.3, 0.8))
         assert torch.equal(ops.dare(ts[0], 0.4, 99), ops.dare_reference(ts[0], 0.4, 99))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_instruction_set_on_tails_strides_and_out(isa, dtype, monkeypatch):
+    # Lengths around the vector widths (8 / 16), the fp16 staging sub-block (256) and the block (1024), odd
+    # parallel chunk boundaries (100_003 on two threads), non-contiguous inputs, out=, fp32 Fishers, M <= 4 (one
+    # group, written straight to the output) and M > 4.
+    monkeypatch.setenv("PYMERGE_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(seed_of("tails", isa, str(dtype)))
+    for n, m in [(1, 1), (15, 2), (17, 4), (255, 3), (257, 5), (1029, 4), (3 * 1024 + 7, 9), (100_003, 4)]:
+        noncontig = n % 2 == 1 and m % 2 == 1
+        pre = rand((n,), dtype, gen, noncontig=noncontig)
+        ts = [rand((n,), dtype, gen, noncontig=noncontig) for _ in range(m)]
+        fs = [rand((n,), dtype, gen, positive=True) for _ in range(m)]
+        zero_region(fs)
+        w = (torch.rand(m, generator=gen) - 0.3).tolist()
+        buf = torch.full((n,), float("nan"), dtype=dtype)
+        close(ops.weighted_sum(ts, w, pre), ops.weighted_sum_reference(ts, w, pre))
+        close(ops.weighted_sum(ts, w, out=buf), ops.weighted_sum_reference(ts, w))
+        for fb in ("target", "average"):
+            wf = [abs(x) + 0.1 for x in w]
+            close(ops.fisher_merge(ts, fs, wf, fallback=fb, out=buf), ops.fisher_merge_reference(ts, fs, wf, fallback=fb))
+            fs32 = [f.float() for f in fs]
+            close(ops.fisher_merge(ts, fs32, wf, fallback=fb), ops.fisher_merge_reference(ts, fs32, wf, fallback=fb))
+        close(ops.dfmerge_combine(pre, ts, fs, w, out=buf), ops.dfmerge_combine_reference(pre, ts, fs, w))
+        close(ops.dfmerge_combine(pre, ts, [f.float() for f in fs], w),
+              ops.dfmerge_combine_reference(pre, ts, [f.float() for f in fs], w))
+        for p in (0.0, 0.5, 0.9, 1 - 2**-30):  # the last: threshold 2^24, every element dropped
+            assert torch.equal(ops.dare(ts[0], p, n), ops.dare_reference(ts[0], p, n)), (n, p)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_dare_mask_is_the_same_on_every_instruction_set(isa, monkeypatch):
+    # The mask depends only on (seed, index): every build, every thread count, odd chunk starts.
+    t = torch.randn(100_003)
+    want = ops.dare_reference(t, 0.7, -5)
+    monkeypatch.setenv("PYMERGE_CPU_ISA", isa)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(ops.dare(t, 0.7, -5), want)
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -32,6 +32,7 @@ struct TiesArgs {
 };
 struct DareArgs {
   const void* x; uint64_t key; uint32_t threshold; float scale; void* out;
+  bool native_bf16;  // the CPU has AVX512_BF16 (and PYMERGE_CPU_ISA allows it): the AVX-512 kernel may use vcvtneps2bf16
 };
 // One pass of the TIES selection over [lo, hi): counts keys > khi, stores the keys in [klo, khi] into cand (at
 // most cap of them; cand has room for cap + 64) and counts them all in in_band (more than cap: overflow);

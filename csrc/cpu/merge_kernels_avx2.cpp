@@ -6,6 +6,7 @@
 #pragma GCC optimize("no-trapping-math")
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2")
 #include <immintrin.h>
+#define PYMERGE_AVX2 1
 #define PYMERGE_ISA_NAME "avx2"
 #include "merge_kernels.h"
 

@@ -1,7 +1,7 @@
 // CPU glue of the fused merge ops: argument checks, outputs, parallel chunks, and the choice of kernels.
 // The kernels themselves (csrc/cpu/merge_kernels.h) are compiled for the base instruction set, AVX2 and
-// AVX-512; the best one the running CPU supports is used (PYMERGE_CPU_ISA=base|avx2|avx512 caps the choice,
-// which the tests use to check every compiled variant against the references). Each reads every input element
+// AVX-512; the best one the running CPU supports is used (PYMERGE_CPU_ISA=base|avx2|avx512|avx512bf16 caps the
+// choice, which the tests use to check every compiled variant against the references). Each reads every input element
 // once and writes the output once; TIES adds one selection pass per task vector.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,22 +34,35 @@ bool cpu_has(const char* isa) {
   if (std::strcmp(isa, "avx512") == 0)
     return cpu_has("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (std::strcmp(isa, "avx512bf16") == 0) return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
 #endif
   return false;
 }
 
 // The kernels to run: the widest compiled-in instruction set the CPU has, at most PYMERGE_CPU_ISA (read on
 // every call, so tests can switch; a getenv is nothing next to a merge).
+// avx512bf16 is the AVX-512 table plus AVX512_BF16's conversion where a kernel has a use for it (dare).
+std::string isa_cap() {
+  const char* cap = std::getenv("PYMERGE_CPU_ISA");
+  const std::string c = cap ? cap : "";
+  TORCH_CHECK(c.empty() || c == "base" || c == "avx2" || c == "avx512" || c == "avx512bf16",
+              "PYMERGE_CPU_ISA must be base, avx2, avx512 or avx512bf16, got '", c, "'");
+  return c;
+}
+
 const cpu::KernelTable& kernels() {
   static const cpu::KernelTable* avx512 = cpu_has("avx512") ? cpu::kernels_avx512() : nullptr;
   static const cpu::KernelTable* avx2 = cpu_has("avx2") ? cpu::kernels_avx2() : nullptr;
-  const char* cap = std::getenv("PYMERGE_CPU_ISA");
-  const std::string c = cap ? cap : "";
-  TORCH_CHECK(c.empty() || c == "base" || c == "avx2" || c == "avx512",
-              "PYMERGE_CPU_ISA must be base, avx2 or avx512, got '", c, "'");
-  if (avx512 && (c.empty() || c == "avx512")) return *avx512;
+  const std::string c = isa_cap();
+  if (avx512 && (c.empty() || c == "avx512" || c == "avx512bf16")) return *avx512;
   if (avx2 && c != "base") return *avx2;
   return *cpu::kernels_base();
+}
+
+bool native_bf16() {
+  static const bool has = cpu_has("avx512bf16") && cpu::kernels_avx512() != nullptr;
+  const std::string c = isa_cap();
+  return has && (c.empty() || c == "avx512bf16");
 }
 
 int dtype_index(at::ScalarType t, const char* op) {
@@ -396,7 +409,7 @@ at::Tensor dare_cpu(const at::Tensor& task_vector, double p, int64_t seed) {
   const at::Tensor t = task_vector.contiguous();
   at::Tensor out = new_output(t);
   const cpu::DareArgs args{t.data_ptr(), dare_key(seed), dare_threshold(p), static_cast<float>(1.0 / (1.0 - p)),
-                           out.data_ptr()};
+                           out.data_ptr(), native_bf16()};
   run_chunks(kernels().dare[dtype_index(t.scalar_type(), op)], &args, out.numel());
   return out;
 }
