@@ -218,3 +218,24 @@ def test_tokenizer_source_with_a_base_named_without_the_models_prefix(tmp_path, 
     assert "model.embed_tokens.weight" in got and got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("trim_count", ["ceil", "floor"])
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.97])
+@pytest.mark.parametrize("n", [7, 1000, 70_001])
+def test_trim_magnitudes_equals_the_mask_path(n, density, trim_count):
+    """The generalized TIES / DARE-TIES path trims through the compiled selection: it must equal the kthvalue
+    mask exactly, with tied magnitudes at the threshold (values quantized to a few levels) all kept."""
+    from pymerge.methods.sparsify import magnitude_mask, trim_magnitudes
+
+    g = torch.Generator().manual_seed(n)
+    for tv in (torch.randn(n, generator=g), torch.randint(-6, 7, (n,), generator=g).float() * 0.25):
+        if trim_count == "floor" and int(density * n) == 0:  # keeps nothing: both refuse, with the same message
+            for f in (magnitude_mask, trim_magnitudes):
+                with pytest.raises(ConfigError, match="keeps no entry"):
+                    f(tv, density, trim_count)
+            continue
+        want = tv * magnitude_mask(tv, density, trim_count)
+        got = trim_magnitudes(tv, density, trim_count)
+        assert torch.equal(got != 0, want != 0), (n, density, trim_count)
+        assert torch.equal(got, want)

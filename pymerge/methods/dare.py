@@ -12,7 +12,8 @@ from pymerge import ops
 from pymerge.methods.base import MergeMethod, Param, in_range
 from pymerge.methods.registry import register
 from pymerge.methods.sparsify import (SparsifiedTaskVectors, combine, float_task_vectors, fused_density,
-                                      magnitude_mask, random_drop, random_drop_params, register_variants, tensor_seed)
+                                      random_drop, random_drop_params, register_variants, tensor_seed,
+                                      trim_magnitudes)
 
 __all__ = ["Dare", "DareTies", "DareLinear", "tensor_seed"]
 
@@ -48,7 +49,7 @@ class Dare(MergeMethod):
             fused = fused_density(x.base.numel(), density, trim)
             if all(w == 1.0 for w in weights) and x.params["consensus"] == "sum" and fused is not None:
                 return ops.ties_merge(x.base, tvs, fused, lam)
-            tvs = [t.float() * magnitude_mask(t.float(), density, trim, where=f"dare: tensor {x.name!r}") for t in tvs]
+            tvs = [trim_magnitudes(t.float(), density, trim, where=f"dare: tensor {x.name!r}") for t in tvs]
             return combine(x.base, tvs, weights, x.params["consensus"], True, lam)
         coeffs = [lam * w for w in weights]
         return ops.weighted_sum(tvs, coeffs, base=x.base.to(tvs[0].dtype))

@@ -64,6 +64,19 @@ def magnitude_mask(tv: torch.Tensor, density: float, trim_count: str = "ceil", w
     return mag >= _kth_smallest(mag.flatten(), n - k + 1)
 
 
+def trim_magnitudes(tv: torch.Tensor, density: float, trim_count: str = "ceil", where: str = "") -> torch.Tensor:
+    """tv * magnitude_mask(tv, ...), exactly (same k, ties at the threshold all kept), by the compiled TIES
+    selection instead of a sort-based kthvalue: TIES of one model on a zero base is its trimmed task vector (one
+    model's elected sign is its own, its disjoint mean itself). Finite inputs (the engine checks them first)."""
+    n = tv.numel()
+    if density >= 1 or n == 0:
+        return tv
+    fused = fused_density(n, density, trim_count)
+    if fused is None or not tv.is_floating_point() or tv.dtype == torch.float64:
+        return tv * magnitude_mask(tv, density, trim_count, where)  # raises for k = 0; dtypes the op lacks
+    return ops.ties_merge(torch.zeros_like(tv), [tv], fused, 1.0)
+
+
 def outlier_mask(tv: torch.Tensor, density: float, gamma: float, trim_count: str = "floor") -> torch.Tensor:
     """Model Breadcrumbs: drop the int(γ·n) largest |τ| and the smallest ones, keeping k = d·n entries
     (fewer large ones are dropped when d + γ > 1)."""

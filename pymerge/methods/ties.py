@@ -10,7 +10,7 @@ from pymerge import ops
 from pymerge.methods.base import MergeMethod
 from pymerge.methods.registry import register
 from pymerge.methods.sparsify import (apply_rescale, combine, family_params, float_task_vectors, fused_density,
-                                      magnitude_mask)
+                                      trim_magnitudes)
 
 
 @register
@@ -32,6 +32,6 @@ class Ties(MergeMethod):
         if x.check_finite:
             ops.check_inputs_finite(x.base, x.models)
         tvs = float_task_vectors(x)
-        tvs = [apply_rescale(t, t * magnitude_mask(t, d, p["trim_count"], where=f"ties: tensor {x.name!r}"),
+        tvs = [apply_rescale(t, trim_magnitudes(t, d, p["trim_count"], where=f"ties: tensor {x.name!r}"),
                              p["rescale"], keep_prob=d) for t, d in zip(tvs, densities)]
         return combine(x.base, tvs, weights, p["consensus"], p["normalize"], p["lambda"])
