@@ -40,16 +40,22 @@ def bert_zoo(labels=(3, 2)):
     return base, fts, tasks
 
 
+def _copies(model_cls, cfg, seed, m, perturb_seed):
+    """A pretrained model of model_cls(cfg) and m fine-tunes: perturbed copies of it."""
+    torch.manual_seed(seed)
+    base = model_cls(cfg).eval()
+    fts = []
+    for i in range(m):
+        ft = model_cls(cfg)
+        ft.load_state_dict(base.state_dict())
+        fts.append(_perturb(ft, perturb_seed + i))
+    return base, fts
+
+
 def gpt2_zoo(m=2):
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=PAD,
                                   bos_token_id=1, eos_token_id=1)
-    torch.manual_seed(2)
-    base = transformers.GPT2LMHeadModel(cfg).eval()
-    fts = []
-    for i in range(m):
-        ft = transformers.GPT2LMHeadModel(cfg)
-        ft.load_state_dict(base.state_dict())
-        fts.append(_perturb(ft, 200 + i))
+    base, fts = _copies(transformers.GPT2LMHeadModel, cfg, 2, m, 200)
     tasks = [Task(f"mc{i}", choice_examples(6, 3, seed=i), kind="multiple_choice", batch_size=4) for i in range(m)]
     return base, fts, tasks
 
@@ -57,17 +63,23 @@ def gpt2_zoo(m=2):
 def t5_zoo(m=2):
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2,
                                 relative_attention_num_buckets=8, pad_token_id=PAD, decoder_start_token_id=PAD)
-    torch.manual_seed(3)
-    base = transformers.T5ForConditionalGeneration(cfg).eval()
-    fts = []
-    for i in range(m):
-        ft = transformers.T5ForConditionalGeneration(cfg)
-        ft.load_state_dict(base.state_dict())
-        fts.append(_perturb(ft, 300 + i))
+    base, fts = _copies(transformers.T5ForConditionalGeneration, cfg, 3, m, 300)
     # label strings shared by the task (as the paper scores T5), given as token ids
     tasks = [Task(f"s2s{i}", choice_examples(6, 2, seed=i, per_example=False), kind="multiple_choice",
                   choices=[[5, 6, 1], [7, 1]], batch_size=4) for i in range(m)]
     return base, fts, tasks
+
+
+class InlinePool:
+    """A pool whose submit evaluates at once in this process (a finished Future): the batched ask / tell path of
+    the search without worker processes."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        fut = Future()
+        fut.set_result(fn(*args))
+        return fut
 
 
 def worker_probe():

@@ -12,12 +12,7 @@ from tests import fisher_models as fm
 from tests.eval_fixtures import choice_examples, classification_examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ sorted evaluation batches

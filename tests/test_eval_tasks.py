@@ -8,13 +8,7 @@ from tests import fisher_models as fm
 from tests.eval_fixtures import choice_examples, classification_examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread hand-offs cost more than the maths (and the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _slow_choice_scores(model, ex, length_normalize):

@@ -14,15 +14,9 @@ from pymerge.search import loop, optimizers
 from pymerge.search.api import REPORT_NAME, engine_config
 from pymerge.search.log import TrialLogError
 from pymerge.search.objective import DFMergeObjective, InsufficientMemoryError
-from tests.search_models import bert_zoo, gpt2_zoo, t5_zoo
+from tests.search_models import InlinePool, bert_zoo, gpt2_zoo, t5_zoo
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread hand-offs cost more than the maths (and the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = dict(n_init=2, n_iter=2, fisher_examples=3, progress=False)
@@ -233,14 +227,6 @@ def test_patience_and_user_objective():
 def test_workers_evaluate_a_batch_in_processes_like_one_process(tmp_path):
     """workers=2: two spawned processes, each with its own working model, give the trajectory that the same
     batched ask / tell gives evaluated in this process."""
-    from concurrent.futures import Future
-
-    class Inline:
-        def submit(self, fn, *args):
-            fut = Future()
-            fut.set_result(fn(*args))
-            return fut
-
     base, fts, tasks = bert_zoo()
     obj = DFMergeObjective(base, fts, tasks, fisher_examples=3)
     # each worker runs with cpu_count // workers threads; floating-point sums depend on the thread count, so the
@@ -248,7 +234,7 @@ def test_workers_evaluate_a_batch_in_processes_like_one_process(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     try:
-        inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=Inline(), progress=False, seed=5)
+        inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=InlinePool(), progress=False, seed=5)
     finally:
         torch.set_num_threads(threads)
     import pymerge.search.api as dfm
@@ -453,21 +439,13 @@ class _ReversedPool:
 def test_a_batch_is_told_in_asked_order_whichever_worker_finishes_first(tmp_path):
     """The trajectory of workers=3 does not depend on the order the workers finish in: evaluated in a pool that
     finishes each batch backwards, it equals the one evaluated in order; the log shows the finishing order."""
-    from concurrent.futures import Future
-
-    class Inline:
-        def submit(self, fn, *args):
-            fut = Future()
-            fut.set_result(fn(*args))
-            return fut
-
     def evaluate(lam):
         value = -((lam[0] - 0.3) ** 2 + (lam[1] - 0.6) ** 2)
         return {"a": value}, value, {"fisher": 0.0, "combine": 0.0, "evaluate": 0.0}
 
     settings = dict(optimizer="gp-ei", n_init=3, n_iter=5, seed=1, workers=3, progress=False,
                     options={"candidates": 64, "restarts": 1})
-    ordered = loop.run_search(evaluate, 2, pool=Inline(), **settings)
+    ordered = loop.run_search(evaluate, 2, pool=InlinePool(), **settings)
     pool = _ReversedPool()
     try:
         backwards = loop.run_search(evaluate, 2, pool=pool, log_path=tmp_path / "log.jsonl", **settings)
@@ -496,14 +474,6 @@ def test_backend_ray_without_ray_installed_is_a_clear_error(monkeypatch):
 def test_a_crash_in_the_middle_of_a_batch_resumes_only_the_unfinished_points(tmp_path):
     """workers=3, the batch finishing backwards: a crash after some of a batch finished (logged out of trial
     order) resumes with only the missing points of that batch evaluated, and the uninterrupted trajectory."""
-    from concurrent.futures import Future
-
-    class Inline:
-        def submit(self, fn, *args):
-            fut = Future()
-            fut.set_result(fn(*args))
-            return fut
-
     def evaluator(fail_at=None):
         calls = []
 
@@ -519,7 +489,7 @@ def test_a_crash_in_the_middle_of_a_batch_resumes_only_the_unfinished_points(tmp
     settings = dict(optimizer="gp-ucb", n_init=3, n_iter=5, seed=2, workers=3, progress=False,
                     options={"candidates": 64, "restarts": 1})
     evaluate, _ = evaluator()
-    full = loop.run_search(evaluate, 2, pool=Inline(), **settings)
+    full = loop.run_search(evaluate, 2, pool=InlinePool(), **settings)
     evaluate, _ = evaluator(fail_at=5)  # batch 2 (trials 3, 4, 5) runs backwards: 5 finishes, 4 crashes
     pool = _ReversedPool()
     try:
@@ -530,6 +500,6 @@ def test_a_crash_in_the_middle_of_a_batch_resumes_only_the_unfinished_points(tmp
     logged = [json.loads(line)["trial"] for line in (tmp_path / "log.jsonl").read_text().splitlines()[1:]]
     assert logged == [2, 1, 0, 5]
     evaluate, calls = evaluator()
-    resumed = loop.run_search(evaluate, 2, pool=Inline(), log_path=tmp_path / "log.jsonl", resume=True, **settings)
+    resumed = loop.run_search(evaluate, 2, pool=InlinePool(), log_path=tmp_path / "log.jsonl", resume=True, **settings)
     assert _same_trials(resumed, full)
     assert calls == [full[3]["lambdas"], full[4]["lambdas"]] + [r["lambdas"] for r in full[6:]]

@@ -2,18 +2,13 @@
 import json
 
 import pytest
-import torch
 
 from pymerge import cli
 from tests import engine_models as em
+from tests.search_configs import write_search_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -21,35 +16,10 @@ def zoo(tmp_path_factory):
     return em.build_zoo(tmp_path_factory.mktemp("zoo"))
 
 
-def _data(path, n, labels, seed):
-    import random
-
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            y = rng.randrange(labels)
-            words = " ".join(f"w{rng.randrange(27)}" for _ in range(rng.randint(2, 6)))
-            f.write(json.dumps({"text": f"w{y} {words}", "label": y}) + "\n")
-    return path
-
-
 def _config(tmp_path, zoo, extra=""):
-    for name, labels in (("sst", 2), ("topic", 3)):
-        _data(tmp_path / f"{name}-val.jsonl", 8, labels, 1)
-        _data(tmp_path / f"{name}-test.jsonl", 5, labels, 2)
-    cfg = tmp_path / "search.yml"
-    cfg.write_text(f"""
-base_model: {zoo['bert_base']}
-models:
-  - model: {zoo['sst']}
-    name: sst
-    parameters: {{validation: sst-val.jsonl, test: sst-test.jsonl}}
-  - model: {zoo['topic']}
-    name: topic
-    parameters: {{validation: topic-val.jsonl, metric: macro_f1}}
-parameters: {{optimizer: gp-ucb, n_init: 2, n_iter: 1, fisher_examples: 3, seed: 1{extra}}}
-""")
-    return cfg
+    return write_search_config(
+        tmp_path, zoo, topic_parameters="validation: topic-val.jsonl, metric: macro_f1",
+        parameters=f"optimizer: gp-ucb, n_init: 2, n_iter: 1, fisher_examples: 3, seed: 1{extra}")
 
 
 def test_search_command_end_to_end_and_resume(zoo, tmp_path, capsys):

@@ -21,6 +21,9 @@ import torch
 
 from pymerge import cli
 from tests import engine_models as em
+from tests.search_configs import write_search_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_INIT, N_ITER = 3, 4
 N = N_INIT + N_ITER
@@ -66,41 +69,11 @@ def _search_process(argv, calls, cut, output):
     sys.exit(cli.main([str(a) for a in argv]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _data(path, n, labels, seed):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            y = rng.randrange(labels)
-            words = " ".join(f"w{rng.randrange(27)}" for _ in range(rng.randint(2, 6)))
-            f.write(json.dumps({"text": f"w{y} {words}", "label": y}) + "\n")
-
-
 def _config(tmp_path, zoo):
-    for name, labels in (("sst", 2), ("topic", 3)):
-        _data(tmp_path / f"{name}-val.jsonl", 8, labels, 1)
-        _data(tmp_path / f"{name}-test.jsonl", 5, labels, 2)
-    cfg = tmp_path / "search.yml"
-    cfg.write_text(f"""
-base_model: {zoo['bert_base']}
-models:
-  - model: {zoo['sst']}
-    name: sst
-    parameters: {{validation: sst-val.jsonl, test: sst-test.jsonl}}
-  - model: {zoo['topic']}
-    name: topic
-    parameters: {{validation: topic-val.jsonl, test: topic-test.jsonl}}
-parameters: {{optimizer: gp-ei, n_init: {N_INIT}, n_iter: {N_ITER}, fisher_examples: 3, seed: 4,
-              optimizer_options: {{candidates: 128, restarts: 1}}}}
-""")
-    return cfg
+    return write_search_config(
+        tmp_path, zoo, topic_parameters="validation: topic-val.jsonl, test: topic-test.jsonl",
+        parameters=f"optimizer: gp-ei, n_init: {N_INIT}, n_iter: {N_ITER}, fisher_examples: 3, seed: 4, "
+                   "optimizer_options: {candidates: 128, restarts: 1}")
 
 
 def _driver(argv, calls, cut=None):

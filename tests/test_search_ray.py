@@ -7,15 +7,15 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-import torch  # noqa: E402
 
 import pymerge  # noqa: E402
 from pymerge.search import loop, workers  # noqa: E402
 from pymerge.search.objective import DFMergeObjective  # noqa: E402
-from tests.search_models import bert_zoo, worker_probe as probe  # noqa: E402
+from tests.search_models import InlinePool, bert_zoo, worker_probe as probe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # a Ray instance and two actor processes that import torch + transformers
+# slow: a Ray instance and two actor processes that import torch + transformers; one thread, as each actor runs
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each actor runs (num_cpus 1): float sums depend on the thread count
-    yield
-    torch.set_num_threads(n)
 
 
 FAST = dict(n_init=2, n_iter=2, fisher_examples=3, progress=False)
@@ -42,17 +36,9 @@ FAST = dict(n_init=2, n_iter=2, fisher_examples=3, progress=False)
 
 def test_ray_workers_hold_their_models_and_give_the_trajectory_of_the_in_process_search(local_ray, tmp_path,
                                                                                           monkeypatch):
-    from concurrent.futures import Future
-
-    class Inline:
-        def submit(self, fn, *args):
-            fut = Future()
-            fut.set_result(fn(*args))
-            return fut
-
     base, fts, tasks = bert_zoo()
     obj = DFMergeObjective(base, fts, tasks, fisher_examples=3)
-    inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=Inline(), progress=False, seed=5)
+    inline = loop.run_search(obj, 2, n_init=2, n_iter=2, workers=2, pool=InlinePool(), progress=False, seed=5)
     sent, probes = [], []
     real_submit, real_shutdown = workers.RayPool.submit, workers.RayPool.shutdown
 
