@@ -7,6 +7,8 @@ Per dtype, at M models and N elements, each round times once each of
   models     ops.ties_merge(models=True, check_finite=True): fine-tuned tensors in, τ_i formed and checked inside
   eager+tv   what the engine did before: τ_i = θ_i - θ_pre in eager torch, an aminmax NaN / Inf check of every
              input, then the op on task vectors
+  general    the path of non-default options (here per-model weights 1, 0.5, 0.7, ...): each fp32 task vector
+             trimmed (methods.sparsify.trim_magnitudes), then sparsify.combine in eager torch
 and reports the minimum over rounds, GB/s of the op's bytes and the share of the copy ceiling. The floor of
 TIES is (M + 2) / (2M + 2) of copy: the selection reads every input once more.
 
@@ -24,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pymerge import ops  # noqa: E402
+from pymerge.methods import sparsify  # noqa: E402
 
 
 def eager_then_op(pre, models, density, lam):
@@ -52,6 +55,7 @@ def main(argv=None):
         pre = base.to(dtype)
         models = [(base + 0.02 * torch.randn(n, generator=g)).to(dtype) for _ in range(m)]
         taus = [t - pre for t in models]
+        weights = [(1.0, 0.5, 0.7)[i % 3] for i in range(m)]
         es = pre.element_size()
         nbytes = (m + 2) * n * es
         src = torch.ones(nbytes // 2 // es, dtype=dtype)
@@ -61,6 +65,8 @@ def main(argv=None):
             "tv": lambda: ops.ties_merge(pre, taus, args.density, 1.0),
             "models": lambda: ops.ties_merge(pre, models, args.density, 1.0, models=True, check_finite=True),
             "eager+tv": lambda: eager_then_op(pre, models, args.density, 1.0),
+            "general": lambda: sparsify.combine(pre, [sparsify.trim_magnitudes(t.float(), args.density) for t in taus],
+                                                weights, "sum", True, 1.0),
         }
         if len(torch.ops.pymerge.ties_merge.default._schema.arguments) < 6:  # a build before the model form
             del cases["models"]
@@ -74,7 +80,7 @@ def main(argv=None):
                 best[k] = min(best[k], time.perf_counter() - t0)
         copy_gbs = nbytes / best["copy"] / 1e9
         line = [f"{name:8s} copy {best['copy'] * 1e3:6.2f} ms {copy_gbs:5.1f} GB/s"]
-        for k in [k for k in ("tv", "models", "eager+tv") if k in cases]:
+        for k in [k for k in ("tv", "models", "eager+tv", "general") if k in cases]:
             line.append(f"{k} {best[k] * 1e3:7.2f} ms {best['copy'] / best[k]:4.0%} of copy")
         print(" | ".join(line), f"| floor {(m + 2) / (2 * m + 2):.0%}", flush=True)
         print(f"         load average {os.getloadavg()[0]:.1f}")
